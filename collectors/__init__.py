@@ -1,0 +1,1 @@
+"""Sources of readings: NVML GPUs, the simulator, coolant sensors. Never imports ``rules``."""

@@ -1,0 +1,109 @@
+"""The GPU backend contract shared by the NVML collector and the simulator.
+
+Both backends are *blocking* (NVML calls are C calls that can hang); the daemon calls them from
+a worker thread with a timeout, so nothing here is async. Values are already converted to the
+units in their names (NVML's mW and mJ become W and J at this edge). A field the device does not
+support is ``None``: never an exception, never a made-up zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(slots=True, frozen=True)
+class GpuInfo:
+    """What does not change while the daemon runs: identity and the device's own envelopes."""
+
+    index: int
+    uuid: str
+    model: str
+    limit_min_w: float | None = None
+    limit_max_w: float | None = None
+    limit_default_w: float | None = None
+    slowdown_c: float | None = None
+    shutdown_c: float | None = None
+    gpu_max_c: float | None = None
+    mem_max_c: float | None = None
+
+
+@dataclass(slots=True)
+class GpuSample:
+    """One reading of one GPU at ``ts_ns`` (wall clock, integer ns since the epoch).
+
+    ``healthy`` is False when the GPU could not be read at all (lost, driver error); then
+    ``error`` says why and every value field is None.
+    """
+
+    index: int
+    uuid: str
+    model: str
+    ts_ns: int
+    healthy: bool = True
+    error: str | None = None
+    power_w: float | None = None  # instantaneous (NVML_FI_DEV_POWER_INSTANT)
+    power_avg_w: float | None = None  # driver's ~1 s average (nvmlDeviceGetPowerUsage)
+    energy_j: float | None = None  # since driver load
+    temp_c: float | None = None
+    mem_temp_c: float | None = None  # HBM
+    limit_w: float | None = None  # enforced limit (what the hardware holds to now)
+    limit_current_w: float | None = None  # management limit (what software last set)
+    limit_default_w: float | None = None
+    limit_min_w: float | None = None
+    limit_max_w: float | None = None
+    slowdown_c: float | None = None
+    shutdown_c: float | None = None
+    gpu_max_c: float | None = None
+    mem_max_c: float | None = None
+    util_pct: float | None = None
+    mem_util_pct: float | None = None
+    mem_used_bytes: int | None = None
+    sm_clock_mhz: float | None = None
+    clock_reasons: int | None = None  # clocks-event-reasons bitmask
+    pids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def throttled(self) -> bool | None:
+        """True when a reason other than idle / application clocks holds the clocks down."""
+        if self.clock_reasons is None:
+            return None
+        return bool(self.clock_reasons & THROTTLE_REASONS_MASK)
+
+
+# nvmlClocksEventReason* bits that mean "held down": SW power cap, HW slowdown, SW/HW thermal,
+# power brake. GpuIdle (0x1), ApplicationsClocksSetting (0x2), SyncBoost (0x10) and
+# DisplayClockSetting (0x100) are not throttling.
+THROTTLE_REASONS_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+
+
+class BackendError(Exception):
+    """The backend as a whole cannot run (no driver, init failed). Per-GPU trouble is not this."""
+
+
+class LimitWriteError(Exception):
+    """A power-limit write was refused; ``permission`` tells NO_PERMISSION apart."""
+
+    def __init__(self, message: str, *, permission: bool = False) -> None:
+        super().__init__(message)
+        self.permission = permission
+
+
+class GpuBackend(Protocol):
+    """A source of GPU readings and the one control we use on GPUs: the power limit."""
+
+    def open(self) -> list[GpuInfo]:
+        """Initialise and enumerate the GPUs. Raises BackendError when nothing can work."""
+        ...
+
+    def sample(self, ts_ns: int) -> list[GpuSample]:
+        """Read every GPU once. One bad GPU yields an unhealthy sample, never an exception."""
+        ...
+
+    def set_power_limit(self, index: int, limit_w: float) -> None:
+        """Set the management power limit of one GPU. Raises LimitWriteError when refused."""
+        ...
+
+    def close(self) -> None:
+        """Release the driver. Safe to call twice."""
+        ...
