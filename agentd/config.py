@@ -207,6 +207,8 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
             raise ConfigError([f"{source}: cannot read: {exc.strerror}"]) from exc
     elif explicit:
         raise ConfigError([f"{source}: no such file (omit --config to run on defaults)"])
+    else:
+        source = "(built-in defaults)"
     overrides = _env_overrides(environ)
     if overrides:
         data = _merge(data, overrides)
