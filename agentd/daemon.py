@@ -1,0 +1,222 @@
+"""The tick: one clock drives the node (DESIGN.md section 2).
+
+Every ``interval`` the GPU backend is sampled off the event loop (NVML calls block and can hang),
+the readings go into the node state and, in the same tick, into the local store; the forwarder
+ships the store to InfluxDB on its own task. The systemd watchdog is fed only after a completed
+tick, so a wedged daemon is restarted rather than trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agentd import sdnotify
+from agentd.clock import Clock, SystemClock
+from agentd.config import AgentConfig
+from agentd.lineproto import encode
+from agentd.points import agent_point, gpu_point
+from agentd.store import Store
+from collectors.base import BackendError, GpuBackend, GpuInfo, GpuSample
+
+log = structlog.get_logger("agentd")
+
+STORE_FILE = "store.sqlite"
+BOUNDS_EVERY_S = 60.0  # how often size cap / retention are enforced (not a per-tick cost)
+FLUSH_ON_STOP_S = 5.0
+
+
+@dataclass(slots=True)
+class NodeState:
+    """The latest reading of every GPU, as the rules and the API see the node."""
+
+    gpus: dict[int, GpuSample] = field(default_factory=dict)
+    infos: dict[int, GpuInfo] = field(default_factory=dict)
+    last_tick_ns: int = 0
+
+
+@dataclass(slots=True)
+class TickStats:
+    ticks: int = 0
+    ticks_missed: int = 0
+    nvml_errors: int = 0
+    tick_s: float = 0.0
+    tick_lag_s: float = 0.0
+
+
+def make_backend(cfg: AgentConfig) -> GpuBackend:
+    """The GPU backend named by ``backend`` in the config."""
+    if cfg.backend == "sim":
+        from collectors.sim import SimBackend
+
+        return SimBackend(gpus=cfg.sim.gpus, seed=cfg.sim.seed, profile=cfg.sim.profile,
+                          coolant_supply_c=cfg.sim.coolant_supply_c)
+    from collectors.nvml import NvmlBackend
+
+    return NvmlBackend()
+
+
+def open_store(cfg: AgentConfig) -> Store:
+    return Store(Path(cfg.state_dir) / STORE_FILE, max_bytes=cfg.store.max_bytes)
+
+
+class Daemon:
+    """One node's agent. ``run`` is the daemon; ``tick`` is one step, callable from tests."""
+
+    def __init__(self, cfg: AgentConfig, backend: GpuBackend, store: Store, *,
+                 forwarder: Any | None = None, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.store = store
+        self.forwarder = forwarder
+        self.clock = clock or SystemClock()
+        self.host = cfg.node_name
+        self.state = NodeState()
+        self.stats = TickStats()
+        # One worker: NVML calls are serialised, and a hung call blocks only this thread.
+        self._nvml = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+        self._inflight: concurrent.futures.Future | None = None
+        self._last_bounds = self.clock.monotonic()
+        self._ready_sent = False
+        # Retention only applies when the store is the embedded database, not an outage buffer.
+        self._retention_s = None if cfg.influx.url else cfg.store.retention_s
+
+    async def start(self) -> list[GpuInfo]:
+        """Open the backend (off the loop, with the NVML timeout). Raises BackendError."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.run_in_executor(self._nvml, self.backend.open),
+                                           self.cfg.nvml_timeout * 5)
+        except asyncio.TimeoutError as exc:
+            raise BackendError(f"GPU backend {self.cfg.backend!r} did not initialise within "
+                               f"{self.cfg.nvml_timeout * 5:.0f} s (driver hung?)") from exc
+        self.state.infos = {i.index: i for i in infos}
+        log.info("backend_open", backend=self.cfg.backend, gpus=len(infos),
+                 models=sorted({i.model for i in infos}), host=self.host, dry_run=self.cfg.dry_run)
+        return infos
+
+    async def _sample(self, ts_ns: int) -> list[GpuSample] | None:
+        """Read every GPU off the loop; None when the backend is hung or failed this tick."""
+        if self._inflight is not None and not self._inflight.done():
+            self.stats.nvml_errors += 1
+            log.warning("nvml_still_hung", timeout_s=self.cfg.nvml_timeout,
+                        hint="a previous NVML call has not returned; skipping this tick's reading")
+            return None
+        loop = asyncio.get_running_loop()
+        self._inflight = loop.run_in_executor(self._nvml, self.backend.sample, ts_ns)  # type: ignore[assignment]
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._inflight), self.cfg.nvml_timeout)
+        except asyncio.TimeoutError:
+            self.stats.nvml_errors += 1
+            log.error("nvml_timeout", timeout_s=self.cfg.nvml_timeout)
+        except Exception as exc:  # a backend bug must not stop the node's telemetry
+            self.stats.nvml_errors += 1
+            log.error("sample_failed", error=repr(exc))
+        return None
+
+    def _note_health(self, sample: GpuSample) -> None:
+        before = self.state.gpus.get(sample.index)
+        was_healthy = before is None or before.healthy
+        if was_healthy and not sample.healthy:
+            self.stats.nvml_errors += 1
+            log.error("gpu_unhealthy", gpu=sample.index, uuid=sample.uuid, error=sample.error)
+        elif not was_healthy and sample.healthy:
+            log.warning("gpu_recovered", gpu=sample.index, uuid=sample.uuid)
+
+    async def tick(self) -> None:
+        """One step: sample, update state, store. Feeds the watchdog when it completes."""
+        started = self.clock.monotonic()
+        ts_ns = self.clock.wall_ns()
+        samples = await self._sample(ts_ns)
+        lines: list[tuple[int, str]] = []
+        for sample in samples or ():
+            self._note_health(sample)
+            self.state.gpus[sample.index] = sample
+            if sample.healthy:
+                line = encode(gpu_point(sample, self.host))
+                if line is not None:
+                    lines.append((sample.ts_ns, line))
+        self.state.last_tick_ns = ts_ns
+        lines.append((ts_ns, encode(agent_point(self.host, ts_ns, self._agent_fields()))))
+        self.store.append(lines)
+        if self.forwarder is not None:
+            self.forwarder.wake()
+        if started - self._last_bounds >= BOUNDS_EVERY_S:
+            self._last_bounds = started
+            self.store.enforce_bounds(ts_ns, self._retention_s)
+        self.stats.ticks += 1
+        self.stats.tick_s = self.clock.monotonic() - started
+        if not self._ready_sent:
+            self._ready_sent = True
+            sdnotify.notify("READY=1\nSTATUS=collecting")
+        sdnotify.notify("WATCHDOG=1")
+
+    def _agent_fields(self) -> dict[str, float | int | bool | None]:
+        fw = self.forwarder
+        return {
+            "tick_s": round(self.stats.tick_s, 6),
+            "tick_lag_s": round(self.stats.tick_lag_s, 6),
+            "store_backlog": self.store.backlog(),
+            "store_bytes": self.store.size_bytes(),
+            "dropped": self.store.dropped,
+            "write_errors": fw.write_errors if fw is not None else 0,
+            "nvml_errors": self.stats.nvml_errors,
+        }
+
+    async def run(self, stop: asyncio.Event, max_ticks: int | None = None) -> None:
+        """Tick at a fixed rate until ``stop`` is set (or ``max_ticks``), then shut down cleanly.
+
+        The schedule is fixed-rate (tick k at start + k * interval); when a tick overruns, the
+        missed slots are skipped and counted rather than run back to back.
+        """
+        interval = self.cfg.interval
+        fw_task = None
+        if self.forwarder is not None:
+            fw_task = asyncio.create_task(self.forwarder.run(stop), name="forwarder")
+        try:
+            next_at = self.clock.monotonic()
+            while not stop.is_set() and (max_ticks is None or self.stats.ticks < max_ticks):
+                self.stats.tick_lag_s = max(0.0, self.clock.monotonic() - next_at)
+                await self.tick()
+                next_at += interval
+                now = self.clock.monotonic()
+                if now > next_at:
+                    missed = int((now - next_at) // interval) + 1
+                    self.stats.ticks_missed += missed
+                    next_at += missed * interval
+                    log.warning("ticks_missed", missed=missed, interval_s=interval)
+                await self._sleep_or_stop(next_at - now, stop)
+        finally:
+            sdnotify.notify("STOPPING=1")
+            await self.shutdown(fw_task)
+
+    async def _sleep_or_stop(self, delay_s: float, stop: asyncio.Event) -> None:
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay_s))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (sleeper, stopper):
+            task.cancel()
+
+    async def shutdown(self, fw_task: asyncio.Task | None = None) -> None:
+        """Stop the forwarder after a bounded flush, release the driver, close the store."""
+        if fw_task is not None:
+            fw_task.cancel()
+            await asyncio.gather(fw_task, return_exceptions=True)
+        if self.forwarder is not None:
+            try:
+                await self.forwarder.flush(FLUSH_ON_STOP_S)
+            finally:
+                await self.forwarder.close()
+        try:
+            self.backend.close()
+        except Exception as exc:  # closing must not hide the reason we are stopping
+            log.warning("backend_close_failed", error=repr(exc))
+        self._nvml.shutdown(wait=False, cancel_futures=True)
+        backlog = self.store.backlog()
+        self.store.close()
+        log.info("stopped", ticks=self.stats.ticks, store_backlog=backlog)

@@ -1,0 +1,42 @@
+"""Wiring for ``agentd run``: config -> backend, store, forwarder -> the tick, with signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+
+from agentd.config import AgentConfig
+from agentd.daemon import Daemon, make_backend, open_store
+
+log = structlog.get_logger("agentd")
+
+
+def install_stop_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``: the daemon finishes its tick, flushes and exits."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def make_forwarder(cfg: AgentConfig, store):
+    """The InfluxDB forwarder, or None when no ``influx.url`` is configured (local store only)."""
+    if not cfg.influx.url:
+        return None
+    from agentd.influx import Forwarder, make_writer
+
+    return Forwarder(store, make_writer(cfg.influx), batch_size=cfg.influx.batch_size,
+                     backoff_max=cfg.influx.backoff_max)
+
+
+async def serve(cfg: AgentConfig) -> None:
+    """Run the daemon until SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    store = open_store(cfg)
+    daemon = Daemon(cfg, make_backend(cfg), store, forwarder=make_forwarder(cfg, store))
+    await daemon.start()
+    log.info("started", interval_s=cfg.interval, state_dir=str(cfg.state_dir),
+             influx=cfg.influx.url or "none (local store only)")
+    await daemon.run(stop)
