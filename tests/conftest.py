@@ -1,0 +1,50 @@
+"""Fixtures for the real servers that `scripts/services` runs (see tests/services.py).
+
+Without the TEST_* environment the tests that need a server are skipped, unless
+TEST_REQUIRE_SERVICES=1 (set by scripts/test, i.e. in CI), where a missing server is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.services import ServiceError, Services, from_env
+
+SKIP_MESSAGE = (
+    "real servers not running: run scripts/services start and eval $(scripts/services env)"
+)
+
+
+@pytest.fixture(scope="session")
+def services() -> Services:
+    """The running Mosquitto, InfluxDB 1.x and VictoriaMetrics (addresses and helpers)."""
+    try:
+        found = from_env()
+    except ValueError as e:
+        pytest.fail(str(e))
+    if found is None:
+        if os.environ.get("TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail(
+                "TEST_REQUIRE_SERVICES=1 but the TEST_* server variables are not set; "
+                'run scripts/services start and eval "$(scripts/services env)"'
+            )
+        pytest.skip(SKIP_MESSAGE)
+    return found
+
+
+@pytest.fixture
+def influx1_db(services: Services, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty InfluxDB 1.x database for this test; dropped afterwards."""
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:40]
+    name = f"t_{stem}_{uuid.uuid4().hex[:8]}"
+    services.influx1_create_db(name)
+    yield name
+    try:
+        services.influx1_drop_db(name)
+    except (OSError, ServiceError):
+        pass  # the test may have left the server stopped; the database dies with the folder
