@@ -50,6 +50,7 @@ def run(config_path: Path | None) -> None:
     """Run the daemon: tick, store, forward to InfluxDB, until SIGTERM/SIGINT."""
     from agentd.log import setup_logging
     from agentd.service import serve
+    from agentd.store import StoreError
     from collectors.base import BackendError
 
     cfg = _load_or_exit(config_path)
@@ -59,7 +60,7 @@ def run(config_path: Path | None) -> None:
     except BackendError as exc:
         click.echo(f"agentd: {exc}", err=True)
         sys.exit(1)
-    except OSError as exc:  # state directory not writable, and the like
+    except (OSError, StoreError) as exc:  # state directory not writable, and the like
         click.echo(f"agentd: {exc}", err=True)
         sys.exit(1)
 
