@@ -1,0 +1,448 @@
+"""The NVML collector and the probe, over the fake pynvml module (no GPU needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pynvml
+import pytest
+
+from agentd.probe import probe, probe_text
+from collectors.base import BackendError, LimitWriteError
+from collectors.nvml import NO_DRIVER, NvmlBackend
+from tests.fake_pynvml import FakeGpu, FakeNvml, install
+
+SET = "nvmlDeviceSetPowerManagementLimit"
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make(fake: FakeNvml, clock: Clock | None = None) -> NvmlBackend:
+    b = NvmlBackend(fake, monotonic=clock or Clock(), wall_ns=lambda: 42)
+    b.open()
+    return b
+
+
+# -- open and units ---------------------------------------------------------------------------
+
+
+def test_open_reads_identity_and_envelopes() -> None:
+    fake = FakeNvml.with_gpus(2, name="NVIDIA Test", min_limit_mw=150_500, max_limit_mw=600_000,
+                              default_limit_mw=550_000)  # fmt: skip
+    infos = make(fake).infos
+    assert [i.index for i in infos] == [0, 1]
+    assert infos[0].uuid == fake.gpus[0].uuid != infos[1].uuid
+    i = infos[0]
+    assert (i.model, i.limit_min_w, i.limit_max_w, i.limit_default_w) == ("NVIDIA Test", 150.5, 600.0, 550.0)
+    assert (i.slowdown_c, i.shutdown_c, i.gpu_max_c, i.mem_max_c) == (89.0, 92.0, 87.0, 95.0)
+
+
+def test_sample_converts_units() -> None:
+    fake = FakeNvml.with_gpus(
+        1, power_mw=123_456, power_instant_mw=250_001, energy_mj=5_000_500, temp_c=61, mem_temp_c=70,
+        limit_mw=650_000, enforced_limit_mw=600_000, util_gpu=97, util_mem=40, mem_used_bytes=12_345,
+        sm_clock_mhz=1755, clock_reasons=0x4 | 0x1, pids=[11, 22],
+    )  # fmt: skip
+    (s,) = make(fake).sample(7)
+    assert s.healthy and s.error is None and s.ts_ns == 7
+    assert s.power_avg_w == pytest.approx(123.456)
+    assert s.power_w == pytest.approx(250.001)
+    assert s.energy_j == pytest.approx(5000.5)
+    assert (s.temp_c, s.mem_temp_c) == (61.0, 70.0)
+    assert (s.limit_w, s.limit_current_w, s.limit_default_w, s.limit_min_w, s.limit_max_w) == (
+        600.0, 650.0, 700.0, 200.0, 700.0,
+    )  # fmt: skip
+    assert (s.util_pct, s.mem_util_pct, s.sm_clock_mhz) == (97.0, 40.0, 1755.0)
+    assert s.mem_used_bytes == 12_345 and isinstance(s.mem_used_bytes, int)
+    assert s.clock_reasons == 0x5 and s.throttled is True
+    assert s.pids == (11, 22)
+    assert s.slowdown_c == 89.0
+    for name in ("power_w", "power_avg_w", "energy_j", "temp_c", "limit_w", "util_pct", "sm_clock_mhz"):
+        assert isinstance(getattr(s, name), float), name
+
+
+@pytest.mark.parametrize(
+    ("vtype", "member_value", "expected_w"),
+    [
+        (pynvml.NVML_VALUE_TYPE_DOUBLE, 250_000.5, 250.0005),
+        (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, 1_000_000, 1000.0),
+        (pynvml.NVML_VALUE_TYPE_SIGNED_INT, 300_000, 300.0),
+    ],
+)
+def test_field_value_union_is_read_by_value_type(vtype: int, member_value: float, expected_w: float) -> None:
+    fake = FakeNvml.with_gpus(1, power_instant_mw=member_value)
+    fake.gpus[0].field_value_types[pynvml.NVML_FI_DEV_POWER_INSTANT] = vtype
+    (s,) = make(fake).sample(1)
+    assert s.power_w == pytest.approx(expected_w)
+
+
+# -- unsupported --------------------------------------------------------------------------------
+
+UNSUPPORTED_CASES = [
+    # (names made unsupported, sample fields that become None)
+    ({"nvmlDeviceGetPowerUsage"}, ["power_avg_w"]),
+    ({"nvmlDeviceGetTotalEnergyConsumption"}, ["energy_j"]),
+    ({"nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature"}, ["temp_c"]),
+    ({"nvmlDeviceGetEnforcedPowerLimit"}, ["limit_w"]),
+    ({"nvmlDeviceGetPowerManagementLimit"}, ["limit_current_w"]),
+    ({"nvmlDeviceGetUtilizationRates"}, ["util_pct", "mem_util_pct"]),
+    ({"nvmlDeviceGetMemoryInfo"}, ["mem_used_bytes"]),
+    ({"nvmlDeviceGetClockInfo"}, ["sm_clock_mhz"]),
+    ({"nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"}, ["clock_reasons"]),
+    ({"nvmlDeviceGetFieldValues"}, ["power_w", "mem_temp_c"]),
+    ({"NVML_FI_DEV_POWER_INSTANT"}, ["power_w"]),
+    ({"NVML_FI_DEV_MEMORY_TEMP"}, ["mem_temp_c"]),
+    ({"NVML_FI_DEV_POWER_INSTANT", "NVML_FI_DEV_MEMORY_TEMP"}, ["power_w", "mem_temp_c"]),
+]
+
+
+@pytest.mark.parametrize(("names", "fields"), UNSUPPORTED_CASES)
+def test_unsupported_is_none_and_not_called_again(names: set[str], fields: list[str]) -> None:
+    fake = FakeNvml.with_gpus(2)
+    fake.gpus[0].unsupported |= names
+    b = make(fake)
+    for _ in range(3):
+        s0, s1 = b.sample(1)
+        assert s0.healthy and s1.healthy
+        for f in fields:
+            assert getattr(s0, f) is None, f
+            assert getattr(s1, f) is not None, f  # the other GPU is unaffected
+        # everything else on GPU 0 still reads
+        others = {"power_avg_w", "energy_j", "temp_c", "limit_w", "util_pct", "sm_clock_mhz", "power_w"} - set(fields)
+        assert all(getattr(s0, f) is not None for f in others)
+    for name in names:
+        assert fake.gpus[0].calls[name] == 1, name  # asked once, then never again
+        assert fake.gpus[1].calls[name] in (0, 3), name
+
+
+def test_unsupported_pids_give_empty_tuple() -> None:
+    fake = FakeNvml.with_gpus(1, pids=[5])
+    fake.gpus[0].unsupported |= {"nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2"}
+    b = make(fake)
+    assert b.sample(1)[0].pids == ()
+    b.sample(2)
+    assert fake.gpus[0].calls["nvmlDeviceGetComputeRunningProcesses"] == 1
+
+
+@pytest.mark.parametrize("how", ["unsupported", "function_not_found", "version_mismatch", "not_in_bindings"])
+def test_newer_call_falls_back_to_older_one_in_the_same_tick(how: str) -> None:
+    fake = FakeNvml.with_gpus(1, temp_c=55, clock_reasons=0x20)
+    g = fake.gpus[0]
+    newer = ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetCurrentClocksEventReasons")
+    for name in newer:
+        if how == "unsupported":
+            g.unsupported.add(name)
+        elif how == "function_not_found":
+            g.errors[name] = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
+        elif how == "version_mismatch":
+            g.errors[name] = pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH
+        else:
+            fake.hidden.add(name)
+    b = make(fake)
+    for _ in range(3):
+        (s,) = b.sample(1)
+        assert s.healthy and s.temp_c == 55.0 and s.clock_reasons == 0x20
+    assert g.calls["nvmlDeviceGetTemperatureV"] == (0 if how == "not_in_bindings" else 1)
+    assert g.calls["nvmlDeviceGetTemperature"] == 3
+    assert g.calls["nvmlDeviceGetCurrentClocksThrottleReasons"] == 3
+    assert {"temp_v", "clock_event_reasons"} <= b.unsupported(0)
+
+
+def test_processes_fall_back_to_v2_on_library_mismatch() -> None:
+    fake = FakeNvml.with_gpus(1, pids=[7, 8])
+    fake.gpus[0].errors["nvmlDeviceGetComputeRunningProcesses"] = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
+    b = make(fake)
+    assert b.sample(1)[0].pids == (7, 8)
+    assert b.sample(2)[0].pids == (7, 8)
+    assert fake.gpus[0].calls["nvmlDeviceGetComputeRunningProcesses"] == 1
+
+
+def test_field_entry_with_its_own_error_is_none_but_asked_again() -> None:
+    fake = FakeNvml.with_gpus(1)
+    g = fake.gpus[0]
+    g.errors["NVML_FI_DEV_POWER_INSTANT"] = pynvml.NVML_ERROR_UNKNOWN
+    b = make(fake)
+    (s,) = b.sample(1)
+    assert s.healthy and s.power_w is None and s.mem_temp_c == 52.0
+    del g.errors["NVML_FI_DEV_POWER_INSTANT"]
+    (s,) = b.sample(2)
+    assert s.power_w == 352.5
+    assert g.calls["NVML_FI_DEV_POWER_INSTANT"] == 2
+
+
+def test_hot_path_makes_only_the_reading_calls() -> None:
+    fake = FakeNvml.with_gpus(4)
+    b = make(fake)
+    b.sample(1)
+    before = sum(fake.calls.values())
+    b.sample(2)
+    per_gpu = (sum(fake.calls.values()) - before) / 4
+    assert per_gpu == 11  # one call per reader, no handle look-ups, no re-enumeration
+
+
+# -- GPU lost ------------------------------------------------------------------------------------
+
+
+def test_gpu_lost_mid_run_others_keep_reporting_then_recovers(clock: Clock) -> None:
+    fake = FakeNvml.with_gpus(3)
+    b = make(fake, clock)
+    assert all(s.healthy for s in b.sample(1))
+    assert b.drain_events() == []
+
+    fake.gpus[1].lost = True
+    s0, s1, s2 = b.sample(2)
+    assert s0.healthy and s2.healthy and s0.power_w == s2.power_w == 352.5
+    assert not s1.healthy and "GPU is lost" in s1.error and s1.uuid == fake.gpus[1].uuid
+    assert all(getattr(s1, f.name) is None for f in dataclasses.fields(s1)
+               if f.name not in ("index", "uuid", "model", "ts_ns", "healthy", "error", "pids"))  # fmt: skip
+    (ev,) = b.drain_events()
+    assert (ev.ts_ns, ev.gpu_index, ev.kind) == (2, 1, "gpu_lost") and "GPU is lost" in ev.message
+
+    calls = sum(fake.gpus[1].calls.values())
+    clock.t += 1.0
+    for ts in (3, 4, 5):
+        assert not b.sample(ts)[1].healthy
+    assert sum(fake.gpus[1].calls.values()) == calls  # no retry before the backoff
+    assert b.drain_events() == []
+
+    fake.gpus[1].lost = False
+    assert not b.sample(6)[1].healthy  # still inside the backoff
+    clock.t += 4.0
+    s1 = b.sample(7)[1]
+    assert s1.healthy and s1.power_w == 352.5 and s1.limit_max_w == 700.0
+    assert fake.gpus[1].calls["nvmlDeviceGetHandleByUUID"] == 1
+    (ev,) = b.drain_events()
+    assert (ev.ts_ns, ev.gpu_index, ev.kind) == (7, 1, "gpu_recovered")
+    assert b.sample(8)[1].healthy and b.drain_events() == []
+
+
+def test_backoff_grows_while_the_gpu_stays_lost(clock: Clock) -> None:
+    fake = FakeNvml.with_gpus(1)
+    b = NvmlBackend(fake, monotonic=clock, retry_s=5, retry_max_s=20)
+    b.open()
+    fake.gpus[0].lost = True
+    b.sample(1)
+    tries = []
+    for _ in range(60):
+        clock.t += 1.0
+        before = fake.gpus[0].calls["nvmlDeviceGetHandleByUUID"]
+        b.sample(2)
+        if fake.gpus[0].calls["nvmlDeviceGetHandleByUUID"] > before:
+            tries.append(clock.t - 1000.0)
+    assert tries[:4] == [5.0, 15.0, 35.0, 55.0]  # 5, then 10, 20, 20 (capped)
+    assert [e.kind for e in b.drain_events()] == ["gpu_lost"]  # one event, not one per retry
+
+
+def test_any_other_error_marks_only_that_gpu_unhealthy(clock: Clock) -> None:
+    fake = FakeNvml.with_gpus(2)
+    fake.gpus[0].errors["nvmlDeviceGetPowerUsage"] = pynvml.NVML_ERROR_UNKNOWN
+    b = make(fake, clock)
+    s0, s1 = b.sample(1)
+    assert not s0.healthy and "power_avg" in s0.error and "Unknown Error" in s0.error
+    assert s1.healthy
+    del fake.gpus[0].errors["nvmlDeviceGetPowerUsage"]
+    clock.t += 5
+    assert b.sample(2)[0].healthy
+
+
+def test_gpu_lost_at_open_is_listed_and_attached_later(clock: Clock) -> None:
+    fake = FakeNvml.with_gpus(2)
+    fake.gpus[1].lost = True
+    b = make(fake, clock)
+    assert b.infos[1].uuid == "" and b.infos[0].uuid
+    assert [e.kind for e in b.drain_events()] == ["gpu_lost"]
+    assert not b.sample(1)[1].healthy
+    fake.gpus[1].lost = False
+    clock.t += 5
+    s1 = b.sample(2)[1]
+    assert s1.healthy and s1.uuid == fake.gpus[1].uuid and b.infos[1].uuid == fake.gpus[1].uuid
+    assert s1.slowdown_c == 89.0
+
+
+# -- the power limit ---------------------------------------------------------------------------
+
+
+def test_set_power_limit_converts_to_mw() -> None:
+    fake = FakeNvml.with_gpus(2)
+    b = make(fake)
+    b.set_power_limit(1, 450.5)
+    assert fake.gpus[1].sets == [450_500] and fake.gpus[0].sets == []
+    assert b.sample(2)[1].limit_current_w == 450.5
+    b.set_power_limit(1, 200)  # the bounds themselves are allowed
+    b.set_power_limit(1, 700.0)
+    assert fake.gpus[1].sets[-2:] == [200_000, 700_000]
+
+
+def test_no_permission_is_a_permission_error() -> None:
+    fake = FakeNvml.with_gpus(1, no_permission_on_set=True)
+    b = make(fake)
+    with pytest.raises(LimitWriteError) as e:
+        b.set_power_limit(0, 400)
+    assert e.value.permission is True
+    assert "root" in str(e.value) and "CAP_SYS_ADMIN" in str(e.value)
+
+
+def test_other_set_errors_are_limit_write_errors() -> None:
+    fake = FakeNvml.with_gpus(1)
+    fake.gpus[0].unsupported.add(SET)
+    with pytest.raises(LimitWriteError) as e:
+        make(fake).set_power_limit(0, 400)
+    assert e.value.permission is False and "does not support" in str(e.value)
+
+
+@pytest.mark.parametrize("watts", [199.99, 700.01, 0, -5, math.nan, math.inf, 1e9])
+def test_out_of_range_refused_without_calling_nvml(watts: float) -> None:
+    fake = FakeNvml.with_gpus(1)
+    b = make(fake)
+    with pytest.raises(ValueError, match="outside"):
+        b.set_power_limit(0, watts)
+    assert fake.calls[SET] == 0
+
+
+def test_unknown_index_and_unreadable_gpu_are_refused(clock: Clock) -> None:
+    fake = FakeNvml.with_gpus(2)
+    b = make(fake, clock)
+    with pytest.raises(ValueError, match="no GPU with index 2"):
+        b.set_power_limit(2, 400)
+    fake.gpus[1].lost = True
+    b.sample(1)
+    with pytest.raises(LimitWriteError, match="not readable"):
+        b.set_power_limit(1, 400)
+    fake.gpus[0].unsupported.add("nvmlDeviceGetPowerManagementLimitConstraints")
+    b2 = make(FakeNvml([FakeGpu(unsupported={"nvmlDeviceGetPowerManagementLimitConstraints"})]))
+    with pytest.raises(LimitWriteError, match="constraints"):
+        b2.set_power_limit(0, 400)
+    assert fake.calls[SET] == 0
+
+
+# -- lifecycle -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED])
+def test_no_driver_is_a_backend_error_with_advice(code: int) -> None:
+    with install(FakeNvml(init_error=code)):  # the default path: NvmlBackend imports pynvml itself
+        with pytest.raises(BackendError) as e:
+            NvmlBackend().open()
+    assert NO_DRIVER in str(e.value)
+    assert 'no NVIDIA driver found; use backend = "sim" to run without GPUs' in str(e.value)
+
+
+def test_other_init_failures_speak_to_the_operator() -> None:
+    with pytest.raises(BackendError, match="root"):
+        NvmlBackend(FakeNvml(init_error=pynvml.NVML_ERROR_NO_PERMISSION)).open()
+    with pytest.raises(BackendError, match="reboot"):
+        NvmlBackend(FakeNvml(init_error=pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH)).open()
+    fake = FakeNvml([])
+    with pytest.raises(BackendError, match="no GPUs"):
+        NvmlBackend(fake).open()
+    assert fake.initialized == 0  # shut down again
+
+
+def test_close_is_idempotent() -> None:
+    fake = FakeNvml.with_gpus(1)
+    b = make(fake)
+    b.close()
+    b.close()
+    assert fake.initialized == 0 and fake.calls["nvmlShutdown"] == 1
+    NvmlBackend(fake).close()  # never opened
+
+
+def test_call_hooks_see_every_call() -> None:
+    seen: list[str] = []
+    fake = FakeNvml.with_gpus(1, on_call=seen.append)
+    make(fake).sample(1)
+    assert "nvmlDeviceGetPowerUsage" in seen and SET not in seen
+
+
+# -- probe and fixture replay --------------------------------------------------------------------
+
+
+def _varied_fake() -> FakeNvml:
+    a = FakeGpu(name="Fake A", power_mw=111_111, power_instant_mw=222_222, energy_mj=9_876_543_210, temp_c=33,
+                clock_reasons=0x41, pids=[100, 200], util_gpu=12, mem_used_bytes=1 << 33, limit_mw=500_000)
+    b = FakeGpu(name="Fake A", temp_c=71, unsupported={"NVML_FI_DEV_MEMORY_TEMP", "nvmlDeviceGetTemperatureV",
+                "nvmlDeviceGetUtilizationRates"}, thresholds={pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN: 85})
+    b.field_value_types[pynvml.NVML_FI_DEV_POWER_INSTANT] = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+    return FakeNvml([a, b], driver_version="1.2.3-fake")  # fmt: skip
+
+
+def test_probe_is_serialisable_and_read_only() -> None:
+    fake = _varied_fake()
+    result = probe(fake)
+    text = json.dumps(result)
+    assert fake.calls[SET] == 0 and all(g.sets == [] for g in fake.gpus)
+    assert not any("Serial" in k or "BoardPartNumber" in k for k in fake.calls)
+    assert fake.initialized == 0
+    assert result["fake"] is True and result["device_count"] == 2 and result["driver_version"] == "1.2.3-fake"
+    g0, g1 = result["gpus"]
+    assert g0["uuid"] == fake.gpus[0].uuid and "serial" not in text.lower()
+    pu = g0["calls"]["nvmlDeviceGetPowerUsage"]
+    assert (pu["raw"], pu["unit"], pu["value"], pu["value_unit"]) == (111_111, "mW", 111.111, "W")
+    assert pu["us"] >= 0
+    assert g1["calls"]["nvmlDeviceGetFieldValues"]["fields"]["NVML_FI_DEV_MEMORY_TEMP"]["error"] == "not_supported"
+    assert g1["calls"]["nvmlDeviceGetTemperatureV"]["error"] == "not_supported"
+    assert g0["controls"]["limit_max_w"] == 700.0 and g0["controls"]["power_management"] == "enabled"
+    assert g0["collector"]["sample"]["power_w"] == 222.222
+    assert g1["collector"]["unsupported"] == ["mem_temp", "temp_v", "utilization"]
+    assert "FAKE" in probe_text(result) and "not_supported" in probe_text(result)
+
+
+def test_probe_without_driver_raises_the_operator_message() -> None:
+    with pytest.raises(BackendError, match="no NVIDIA driver found"):
+        probe(FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND))
+
+
+def test_probe_survives_a_lost_gpu() -> None:
+    fake = FakeNvml.with_gpus(2)
+    fake.gpus[1].lost = True
+    result = probe(fake)
+    json.dumps(result)
+    g1 = result["gpus"][1]
+    assert (g1["index"], g1["error"]) == (1, "gpu_is_lost") and "calls" not in g1
+    assert g1["collector"]["sample"]["healthy"] is False
+    assert result["gpus"][0]["collector"]["sample"]["healthy"] is True
+    assert "cannot open" in probe_text(result)
+
+
+def test_fixture_replay_roundtrip(tmp_path) -> None:
+    original = _varied_fake()
+    path = tmp_path / "fake-a.json"
+    path.write_text(json.dumps(probe(original), indent=2))
+    replay = FakeNvml.from_fixture(path)
+    assert replay.driver_version == "1.2.3-fake"
+
+    def readings(fake: FakeNvml) -> tuple[list, list, list]:
+        b = NvmlBackend(fake)
+        infos = b.open()
+        samples = [dataclasses.asdict(s) for s in b.sample(99)]
+        samples += [dataclasses.asdict(s) for s in b.sample(100)]  # after unsupported readers dropped
+        return infos, samples, [b.unsupported(i.index) for i in infos]
+
+    assert readings(replay) == readings(original)
+    # and a replayed probe is the same probe, timings and capture time aside
+    strip = lambda r: json.loads(json.dumps(r).replace('"us"', '"_us"'))  # noqa: E731
+    a, b = probe(original), probe(replay)
+    for r in (a, b):
+        r.pop("captured_at"), r.pop("timing_us")
+        for g in r["gpus"]:
+            for e in g["calls"].values():
+                e.pop("us", None)
+                for sub in (e.get("thresholds") or {}).values():
+                    sub.pop("us", None)
+            g["collector"]["sample"].pop("ts_ns")
+    assert strip(a) == strip(b)
