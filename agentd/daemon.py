@@ -211,7 +211,7 @@ class Daemon:
             try:
                 await self.forwarder.flush(FLUSH_ON_STOP_S)
             finally:
-                await self.forwarder.close()
+                await self.forwarder.writer.close()
         try:
             self.backend.close()
         except Exception as exc:  # closing must not hide the reason we are stopping
