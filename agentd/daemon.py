@@ -119,25 +119,20 @@ class Daemon:
             log.error("sample_failed", error=repr(exc))
         return None
 
-    def _note_health(self, sample: GpuSample) -> None:
-        before = self.state.gpus.get(sample.index)
-        was_healthy = before is None or before.healthy
-        if was_healthy and not sample.healthy:
-            self.stats.nvml_errors += 1
-            log.error("gpu_unhealthy", gpu=sample.index, uuid=sample.uuid, error=sample.error)
-        elif not was_healthy and sample.healthy:
-            log.warning("gpu_recovered", gpu=sample.index, uuid=sample.uuid)
-
     async def tick(self) -> None:
         """One step: sample, update state, store. Feeds the watchdog when it completes."""
         started = self.clock.monotonic()
         ts_ns = self.clock.wall_ns()
         samples = await self._sample(ts_ns)
         lines: list[tuple[int, str]] = []
+        for event in self.backend.drain_events():
+            (log.error if event.kind == "gpu_lost" else log.warning)(
+                event.kind, gpu=event.gpu_index, message=event.message)
         for sample in samples or ():
-            self._note_health(sample)
             self.state.gpus[sample.index] = sample
-            if sample.healthy:
+            if not sample.healthy:
+                self.stats.nvml_errors += 1
+            else:
                 line = encode(gpu_point(sample, self.host))
                 if line is not None:
                     lines.append((sample.ts_ns, line))

@@ -9,7 +9,7 @@ support is ``None``: never an exception, never a made-up zero.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 @dataclass(slots=True, frozen=True)
@@ -77,6 +77,19 @@ class GpuSample:
 THROTTLE_REASONS_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
 
 
+class BackendEvent(NamedTuple):
+    """A change of a GPU's health, for the daemon to log and store as an event.
+
+    ``kind`` is ``"gpu_lost"`` (the GPU stopped answering; ``message`` says why) or
+    ``"gpu_recovered"`` (it answers again).
+    """
+
+    ts_ns: int
+    gpu_index: int
+    kind: str
+    message: str
+
+
 class BackendError(Exception):
     """The backend as a whole cannot run (no driver, init failed). Per-GPU trouble is not this."""
 
@@ -102,6 +115,10 @@ class GpuBackend(Protocol):
 
     def set_power_limit(self, index: int, limit_w: float) -> None:
         """Set the management power limit of one GPU. Raises LimitWriteError when refused."""
+        ...
+
+    def drain_events(self) -> list[BackendEvent]:
+        """Take the GPU health changes (lost / recovered) seen since the last call."""
         ...
 
     def close(self) -> None:

@@ -23,24 +23,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-from collectors.base import BackendError, GpuInfo, GpuSample, LimitWriteError
+from collectors.base import BackendError, BackendEvent, GpuInfo, GpuSample, LimitWriteError
 
 NO_DRIVER = 'no NVIDIA driver found; use backend = "sim" to run without GPUs'
-
-
-class BackendEvent(NamedTuple):
-    """A change of a GPU's health, for the daemon to log and store as an event.
-
-    ``kind`` is ``"gpu_lost"`` (the GPU stopped answering; ``message`` says why) or
-    ``"gpu_recovered"`` (it answers again).
-    """
-
-    ts_ns: int
-    gpu_index: int
-    kind: str
-    message: str
 
 
 Reader = Callable[[Any, GpuSample], None]

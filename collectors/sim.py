@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from collectors.base import GpuInfo, GpuSample
+from collectors.base import BackendEvent, GpuInfo, GpuSample
 
 Profile = Literal["idle", "training", "inference"]
 
@@ -81,6 +81,10 @@ class SimBackend:
 
     def close(self) -> None:
         """Nothing to release; kept for the interface."""
+
+    def drain_events(self) -> list[BackendEvent]:
+        """Simulated GPUs never fail on their own."""
+        return []
 
     def set_power_limit(self, index: int, limit_w: float) -> None:
         gpu = self._gpus[index]
