@@ -44,7 +44,7 @@ class GpuSample:
     error: str | None = None
     power_w: float | None = None  # instantaneous (NVML_FI_DEV_POWER_INSTANT)
     power_avg_w: float | None = None  # driver's ~1 s average (nvmlDeviceGetPowerUsage)
-    energy_j: float | None = None  # since driver load
+    energy_j: float | None = None  # since driver load; NVML reads it at most every 0.5 s
     temp_c: float | None = None
     mem_temp_c: float | None = None  # HBM
     limit_w: float | None = None  # enforced limit (what the hardware holds to now)

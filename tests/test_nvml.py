@@ -116,8 +116,8 @@ def test_unsupported_is_none_and_not_called_again(names: set[str], fields: list[
     fake = FakeNvml.with_gpus(2)
     fake.gpus[0].unsupported |= names
     b = make(fake)
-    for _ in range(3):
-        s0, s1 = b.sample(1)
+    for k in range(3):
+        s0, s1 = b.sample((k + 1) * 10**9)  # a second apart: every reader is due
         assert s0.healthy and s1.healthy
         for f in fields:
             assert getattr(s0, f) is None, f
@@ -188,11 +188,20 @@ def test_field_entry_with_its_own_error_is_none_but_asked_again() -> None:
 def test_hot_path_makes_only_the_reading_calls() -> None:
     fake = FakeNvml.with_gpus(4)
     b = make(fake)
-    b.sample(1)
+    b.sample(10**9)
     before = sum(fake.calls.values())
-    b.sample(2)
+    b.sample(2 * 10**9)
     per_gpu = (sum(fake.calls.values()) - before) / 4
     assert per_gpu == 11  # one call per reader, no handle look-ups, no re-enumeration
+
+
+def test_the_slow_energy_counter_is_read_at_most_every_half_second() -> None:
+    fake = FakeNvml.with_gpus(1)
+    b = make(fake)
+    energies = [b.sample(k * 100_000_000)[0].energy_j for k in range(1, 21)]  # 10 Hz for 2 s
+    assert fake.gpus[0].calls["nvmlDeviceGetTotalEnergyConsumption"] == 4
+    assert [e is not None for e in energies[:6]] == [True, False, False, False, False, True]
+    assert b.sample(30 * 10**9)[0].energy_j == 123456.789  # at 1 Hz: every tick
 
 
 # -- GPU lost ------------------------------------------------------------------------------------
