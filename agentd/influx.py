@@ -487,13 +487,16 @@ class Forwarder:
         if self._failures:
             self._failures = 0
 
-    async def _ship(self, batch: Batch) -> "bool | WriteFailed":
-        """Write ``batch`` and ack it; True when it left the store (acked or quarantined)."""
+    async def _ship(self, batch: Batch, budget: list[int] | None = None) -> "bool | WriteFailed":
+        """Write ``batch`` and ack it; True when it left the store (acked or quarantined).
+
+        ``budget`` is the bisection's remaining request count, shared by all halves of one batch.
+        """
         try:
             await self.writer.write(batch.body())
         except WriteRejected as exc:
             self._on_rejected(exc)
-            return await self._bisect(batch, exc)
+            return await self._bisect(batch, exc, budget)
         except WriteFailed as exc:
             self._on_failed(exc)
             return exc
@@ -505,36 +508,20 @@ class Forwarder:
         self._on_success(batch)
         return True
 
-    async def _bisect(self, batch: Batch, exc: WriteRejected) -> "bool | WriteFailed":
+    async def _bisect(self, batch: Batch, exc: WriteRejected,
+                      budget: list[int] | None = None) -> "bool | WriteFailed":
         """``batch`` was refused: ship its halves, quarantining only the refused lines."""
-        budget = [self.bisect_budget]
-
-        async def part(b: Batch, error: WriteRejected) -> "bool | WriteFailed":
-            if b.count > 1 and (budget[0] > 0 or error.status == 413):
-                budget[0] -= 1
-                for half in _split(b):
-                    try:
-                        await self.writer.write(half.body())
-                    except WriteRejected as sub:
-                        self._on_rejected(sub)
-                        outcome = await part(half, sub)
-                        if outcome is not True:
-                            return outcome
-                        continue
-                    except WriteFailed as sub:
-                        self._on_failed(sub)
-                        return sub
-                    except Exception as sub:  # a writer bug must not stop the shipping
-                        failed = _unexpected(sub)
-                        self._on_failed(failed)
-                        return failed
-                    self.store.ack(half)
-                    self._on_success(half)
-                return True
-            self._quarantine(b, error)
+        if budget is None:
+            budget = [self.bisect_budget]
+        if batch.count > 1 and (budget[0] > 0 or exc.status == 413):
+            budget[0] -= 1
+            for half in _split(batch):
+                outcome = await self._ship(half, budget)
+                if outcome is not True:
+                    return outcome
             return True
-
-        return await part(batch, exc)
+        self._quarantine(batch, exc)
+        return True
 
     def _quarantine(self, batch: Batch, exc: WriteRejected) -> None:
         bad = first_bad_line(exc.text, batch.lines)
