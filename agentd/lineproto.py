@@ -98,15 +98,20 @@ def _escape_name(s: str, table: dict[int, str]) -> str:
     return s.translate(table)
 
 
+def _memo_escape(cache: dict[str, str], table: dict[int, str], s: str) -> str:
+    """``_escape_name`` through a bounded cache: tag values repeat every tick."""
+    out = cache.get(s)
+    if out is None:
+        out = _escape_name(s, table)
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        cache[s] = out
+    return out
+
+
 def escape_key(s: str) -> str:
     """Escape a tag key, tag value or field key."""
-    out = _name_cache.get(s)
-    if out is None:
-        out = _escape_name(s, _NAME_TABLE)
-        if len(_name_cache) >= _CACHE_MAX:
-            _name_cache.clear()
-        _name_cache[s] = out
-    return out
+    return _memo_escape(_name_cache, _NAME_TABLE, s)
 
 
 escape_tag_value = escape_key
@@ -114,13 +119,7 @@ escape_tag_value = escape_key
 
 def escape_measurement(s: str) -> str:
     """Escape a measurement name."""
-    out = _meas_cache.get(s)
-    if out is None:
-        out = _escape_name(s, _MEAS_TABLE)
-        if len(_meas_cache) >= _CACHE_MAX:
-            _meas_cache.clear()
-        _meas_cache[s] = out
-    return out
+    return _memo_escape(_meas_cache, _MEAS_TABLE, s)
 
 
 def escape_string_field(s: str) -> str:
