@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG_PATH = Path("/etc/agentd/agentd.toml")
 ENV_PREFIX = "AGENTD_"
@@ -108,8 +108,144 @@ class InfluxConfig(_Section):
 
 
 class MqttConfig(_Section):
-    host: str = "localhost"
+    """The one MQTT connection of the daemon (coolant inputs, status, later power and budgets)."""
+
+    host: str | None = Field(None, description="broker host; absent = MQTT off (no coolant input)")
     port: int = Field(1883, ge=1, le=65535)
+    tls: bool = False
+    ca_file: Path | None = Field(None, description="CA bundle for the broker's certificate (default: system CAs)")
+    cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str = Field("", description="defaults to agentd-<node>")
+    keepalive: int = Field(30, ge=5, le=3600)
+    timeout: float = Field(5.0, gt=0, le=120, description="seconds for connect / subscribe / qos>0 publish")
+    queue_size: int = Field(10_000, ge=10, le=1_000_000, description="incoming messages held; beyond, dropped and counted")
+    reconnect_min: float = Field(0.1, gt=0, le=60)
+    reconnect_max: float = Field(2.0, gt=0, le=300, description="cap of the jittered reconnect backoff")
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "":
+            return None
+        if "://" in v or "/" in v or ":" in v.strip("[]"):
+            raise ValueError("must be a host name or address only, for example mqtt.example.org (set the port with mqtt.port)")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> "MqttConfig":
+        if (self.ca_file or self.cert_file or self.key_file) and not self.tls:
+            raise ValueError("ca_file / cert_file / key_file are set but tls = false; set mqtt.tls = true")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both mqtt.cert_file and mqtt.key_file for a client certificate, or neither")
+        if self.password is not None and not self.username:
+            raise ValueError("mqtt.password is set without mqtt.username")
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("mqtt.reconnect_min must not exceed mqtt.reconnect_max")
+        return self
+
+
+class SubscriptionConfig(_Section):
+    """One coolant input: a topic filter, its payload format and how to map it (README: Coolant)."""
+
+    topic: str = Field(description="MQTT topic filter, for example 'cooling/+/+/tcs'")
+    format: Literal["json", "value", "influx"] = "json"
+    qos: int = Field(0, ge=0, le=2)
+    field_map: dict[str, str] = Field(default_factory=dict, description="sender name -> canonical field or ts")
+    topic_tags: dict[Literal["site", "loop", "unit", "point"], int] = Field(
+        default_factory=dict, description="tag -> topic level index (0-based; negative from the end)")
+    tags: dict[Literal["site", "loop", "unit", "point"], str] = Field(default_factory=dict,
+                                                                     description="fixed tag values")
+    field_segment: int = Field(-1, description="value format: the topic level that names the field")
+    units: dict[str, str] = Field(default_factory=dict, description="canonical field -> sender's unit")
+    ignore_fields: list[str] = Field(default_factory=list, description="sender fields dropped silently")
+    stale_after: str | float | None = Field(None, description="fixed staleness for every sensor of this input")
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, v: str) -> str:
+        from collectors.coolant import check_topic_filter
+
+        return check_topic_filter(v)
+
+    @field_validator("field_map")
+    @classmethod
+    def _check_field_map(cls, v: dict[str, str]) -> dict[str, str]:
+        from collectors.coolant import FIELDS, TIMESTAMP_KEY
+
+        for name, target in v.items():
+            if target not in FIELDS and target != TIMESTAMP_KEY:
+                raise ValueError(f"{name} = {target!r}: not a coolant field (one of {', '.join(FIELDS)}, or ts)")
+        return v
+
+    @field_validator("units")
+    @classmethod
+    def _check_units(cls, v: dict[str, str]) -> dict[str, str]:
+        from collectors.coolant import unit_factor
+
+        for name, unit in v.items():
+            unit_factor(name, unit)
+        return v
+
+    @field_validator("stale_after")
+    @classmethod
+    def _check_stale(cls, v: str | float | None) -> str | float | None:
+        if v is not None and parse_duration_s(v) <= 0:
+            raise ValueError("stale_after must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _check_tags(self) -> "SubscriptionConfig":
+        levels = self.topic.split("/")
+        if levels[-1] != "#":
+            for tag, index in {**self.topic_tags, "(field_segment)": self.field_segment}.items():
+                if tag == "(field_segment)" and self.format != "value":
+                    continue
+                if not -len(levels) <= index < len(levels):
+                    raise ValueError(f"topic_tags.{tag} = {index}: topic {self.topic!r} has only "
+                                     f"{len(levels)} levels (index 0..{len(levels) - 1})")
+        if self.format == "value":
+            for tag in ("loop", "unit"):
+                if tag not in self.topic_tags and tag not in self.tags:
+                    raise ValueError(f"format 'value' carries no tags in the payload: give {tag!r} in "
+                                     f"topic_tags (a topic level) or tags (a fixed value)")
+        return self
+
+    def to_subscription(self):
+        """The plain spec the pure parser in ``collectors.coolant`` works from."""
+        from collectors.coolant import Subscription
+
+        return Subscription(
+            topic=self.topic, format=self.format, field_map=dict(self.field_map),
+            topic_tags=dict(self.topic_tags), tags=dict(self.tags), field_segment=self.field_segment,
+            units=dict(self.units), ignore_fields=frozenset(self.ignore_fields),
+            stale_after_s=None if self.stale_after is None else parse_duration_s(self.stale_after))
+
+
+class CoolantConfig(_Section):
+    """Coolant inputs over MQTT and how their freshness is judged."""
+
+    subscriptions: list[SubscriptionConfig] = Field(default_factory=list)
+    stale_floor: str | float = Field("5s", description="no sensor turns stale sooner than this")
+    stale_initial: str | float = Field("30s", description="stale_after before a sensor's period is known")
+    max_future: str | float = Field("60s", description="refuse sender timestamps further ahead than this")
+    max_age: str | float = Field("1h", description="refuse sender timestamps older than this")
+    max_sensors: int = Field(10_000, ge=1, le=1_000_000, description="sensor table bound (garbage topics)")
+    max_pending: int = Field(200_000, ge=100, le=10_000_000,
+                             description="readings held for the next tick's store append; beyond, dropped")
+
+    @field_validator("stale_floor", "stale_initial", "max_future", "max_age")
+    @classmethod
+    def _check_durations(cls, v: str | float) -> str | float:
+        if parse_duration_s(v) <= 0:
+            raise ValueError("must be a positive duration such as '5s'")
+        return v
+
+    def seconds(self, name: str) -> float:
+        """A duration key in seconds (``seconds("stale_floor")``)."""
+        return parse_duration_s(getattr(self, name))
 
 
 class ApiConfig(_Section):
@@ -129,6 +265,7 @@ class AgentConfig(_Section):
     store: StoreConfig = StoreConfig()
     influx: InfluxConfig = InfluxConfig()
     mqtt: MqttConfig = MqttConfig()
+    coolant: CoolantConfig = CoolantConfig()
     api: ApiConfig = ApiConfig()
 
     @property
@@ -223,17 +360,25 @@ def effective_config_text(cfg: AgentConfig) -> str:
     """The effective configuration as TOML-ish text, secrets masked (for ``check-config``)."""
     out: list[str] = []
 
-    def emit(prefix: str, model: BaseModel) -> None:
-        scalars, sections = [], []
+    def emit(prefix: str, model: BaseModel, array: bool = False) -> None:
+        scalars, sections, arrays = [], [], []
         for name in type(model).model_fields:
             value = getattr(model, name)
-            (sections if isinstance(value, BaseModel) else scalars).append((name, value))
+            if isinstance(value, BaseModel):
+                sections.append((name, value))
+            elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+                arrays.append((name, value))
+            else:
+                scalars.append((name, value))
         if prefix:
-            out.append(f"\n[{prefix}]")
+            out.append(f"\n[[{prefix}]]" if array else f"\n[{prefix}]")
         for name, value in scalars:
             out.append(f"{name} = {_toml_value(value)}")
         for name, value in sections:
             emit(f"{prefix}.{name}" if prefix else name, value)
+        for name, items in arrays:
+            for item in items:
+                emit(f"{prefix}.{name}" if prefix else name, item, array=True)
 
     emit("", cfg)
     return "\n".join(out).lstrip() + "\n"
@@ -248,4 +393,15 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml_key(key: Any) -> str:
+    text = str(key)
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else _toml_value(text)

@@ -2,7 +2,9 @@
 
 Every ``interval`` the GPU backend is sampled off the event loop (NVML calls block and can hang),
 the readings go into the node state and, in the same tick, into the local store; the forwarder
-ships the store to InfluxDB on its own task. The systemd watchdog is fed only after a completed
+ships the store to InfluxDB on its own task. Coolant readings arrive over MQTT on their own task
+(``agentd.mqtt``), update ``NodeState.coolant`` as they come, and wait for the next tick's store
+append, so one commit per tick holds everything; a lost broker never delays a tick. The systemd watchdog is fed only after a completed
 tick, so a wedged daemon is restarted rather than trusted.
 """
 
@@ -20,24 +22,32 @@ from agentd import sdnotify
 from agentd.clock import Clock, SystemClock
 from agentd.config import AgentConfig
 from agentd.lineproto import encode
+from agentd.coolant_ingest import CoolantIngest
 from agentd.points import agent_point, gpu_point
 from agentd.store import Store
 from collectors.base import BackendError, GpuBackend, GpuInfo, GpuSample
+from collectors.coolant import CoolantState
 
 log = structlog.get_logger("agentd")
 
 STORE_FILE = "store.sqlite"
 BOUNDS_EVERY_S = 60.0  # how often size cap / retention are enforced (not a per-tick cost)
 FLUSH_ON_STOP_S = 5.0
+MQTT_STOP_S = 3.0  # bound on saying "offline" and disconnecting at shutdown
 
 
 @dataclass(slots=True)
 class NodeState:
-    """The latest reading of every GPU, as the rules and the API see the node."""
+    """The latest reading of every GPU and coolant sensor, as the rules and the API see the node.
+
+    ``coolant`` judges freshness on the daemon's monotonic clock: ask it with
+    ``clock.monotonic()`` (``state.coolant.loop("tcs", now).supply_temp_c``, ``.degraded``).
+    """
 
     gpus: dict[int, GpuSample] = field(default_factory=dict)
     infos: dict[int, GpuInfo] = field(default_factory=dict)
     last_tick_ns: int = 0
+    coolant: CoolantState = field(default_factory=CoolantState)
 
 
 @dataclass(slots=True)
@@ -61,6 +71,21 @@ def make_backend(cfg: AgentConfig) -> GpuBackend:
     return NvmlBackend()
 
 
+def make_mqtt_link(cfg: AgentConfig, ingest: CoolantIngest):
+    """The MQTT link (subscribed to the coolant inputs), or None when ``mqtt.host`` is unset."""
+    if not cfg.mqtt.host:
+        if cfg.coolant.subscriptions:
+            log.warning("coolant_without_mqtt", subscriptions=len(cfg.coolant.subscriptions),
+                        hint="coolant.subscriptions are configured but mqtt.host is not; set mqtt.host")
+        return None
+    from agentd.mqtt import MqttLink, status_topic
+
+    return MqttLink(cfg.mqtt, client_id=cfg.mqtt.client_id or f"agentd-{cfg.node_name}",
+                    status_topic=status_topic(cfg.site, cfg.node_name),
+                    subscriptions=[(s.topic, s.qos) for s in cfg.coolant.subscriptions],
+                    handler=ingest.handle_batch)
+
+
 def open_store(cfg: AgentConfig) -> Store:
     return Store(Path(cfg.state_dir) / STORE_FILE, max_bytes=cfg.store.max_bytes)
 
@@ -76,8 +101,10 @@ class Daemon:
         self.forwarder = forwarder
         self.clock = clock or SystemClock()
         self.host = cfg.node_name
-        self.state = NodeState()
+        self.coolant = CoolantIngest(cfg, self.clock)
+        self.state = NodeState(coolant=self.coolant.state)
         self.stats = TickStats()
+        self.mqtt = make_mqtt_link(cfg, self.coolant)
         # One worker: NVML calls are serialised, and a hung call blocks only this thread.
         self._nvml = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
         self._inflight: concurrent.futures.Future | None = None
@@ -137,6 +164,7 @@ class Daemon:
                 if line is not None:
                     lines.append((sample.ts_ns, line))
         self.state.last_tick_ns = ts_ns
+        lines.extend(self.coolant.take_lines())
         lines.append((ts_ns, encode(agent_point(self.host, ts_ns, self._agent_fields()))))
         self.store.append(lines)
         if self.forwarder is not None:
@@ -161,7 +189,14 @@ class Daemon:
             "dropped": self.store.dropped,
             "write_errors": fw.write_errors if fw is not None else 0,
             "nvml_errors": self.stats.nvml_errors,
+            **self._mqtt_fields(),
+            **self.coolant.agent_fields(),
         }
+
+    def _mqtt_fields(self) -> dict[str, bool | int]:
+        if self.mqtt is None:
+            return {}  # MQTT off: no mqtt_connected=false to alarm on
+        return {"mqtt_connected": self.mqtt.connected, "mqtt_dropped": self.mqtt.dropped}
 
     async def run(self, stop: asyncio.Event, max_ticks: int | None = None) -> None:
         """Tick at a fixed rate until ``stop`` is set (or ``max_ticks``), then shut down cleanly.
@@ -173,6 +208,10 @@ class Daemon:
         fw_task = None
         if self.forwarder is not None:
             fw_task = asyncio.create_task(self.forwarder.run(stop), name="forwarder")
+        mqtt_stop = asyncio.Event()
+        mqtt_task = None
+        if self.mqtt is not None:
+            mqtt_task = asyncio.create_task(self.mqtt.run(mqtt_stop), name="mqtt")
         try:
             next_at = self.clock.monotonic()
             while not stop.is_set() and (max_ticks is None or self.stats.ticks < max_ticks):
@@ -188,7 +227,22 @@ class Daemon:
                 await self._sleep_or_stop(next_at - now, stop)
         finally:
             sdnotify.notify("STOPPING=1")
+            await self.stop_mqtt(mqtt_task, mqtt_stop)
             await self.shutdown(fw_task)
+
+    async def stop_mqtt(self, task: asyncio.Task | None, stop: asyncio.Event) -> None:
+        """Say offline and disconnect, bounded: a hung broker must not hold up the shutdown."""
+        if task is not None:
+            stop.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), MQTT_STOP_S)
+            except (asyncio.TimeoutError, Exception):
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        # Readings that arrived after the last tick still go to the store.
+        lines = self.coolant.take_lines()
+        if lines:
+            self.store.append(lines)
 
     async def _sleep_or_stop(self, delay_s: float, stop: asyncio.Event) -> None:
         sleeper = asyncio.ensure_future(self.clock.sleep(delay_s))

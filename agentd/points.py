@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collectors.base import GpuSample
+from collectors.coolant import Reading
 
 from agentd.lineproto import Point
 
@@ -35,3 +36,22 @@ def gpu_point(sample: GpuSample, host: str, limit_set_w: float | None = None) ->
 def agent_point(host: str, ts_ns: int, fields: dict[str, float | int | bool | None]) -> Point:
     """The ``agent`` self-telemetry measurement (tick cost, backlog, errors)."""
     return Point("agent", {"host": host}, fields, ts_ns)
+
+
+# The coolant measurement's fields, in the order of DESIGN.md section 3 (+ valve_position_pct).
+COOLANT_FIELDS = ("supply_temp_c", "return_temp_c", "delta_temp_c", "flow_lpm", "supply_pressure_kpa",
+                  "return_pressure_kpa", "delta_pressure_kpa", "pump_speed_pct", "valve_position_pct",
+                  "leak", "quality")
+
+
+def coolant_point(reading: Reading, ts_ns: int, extra: dict[str, float] | None = None) -> Point:
+    """The ``coolant`` measurement for one reading: tags site/loop/unit/point, the canonical
+    fields it carries (numbers as floats, ``leak`` a string). ``ts_ns`` is the sender's time when
+    it sent one, else the arrival time; ``extra`` adds fields derived from earlier readings."""
+    fields = reading.fields if not extra else {**reading.fields, **extra}
+    return Point(
+        "coolant",
+        {"site": reading.site, "loop": reading.loop, "unit": reading.unit, "point": reading.point},
+        fields,
+        ts_ns,
+    )
