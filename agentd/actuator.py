@@ -33,7 +33,8 @@ from collectors.base import GpuBackend, GpuSample, LimitWriteError
 log = structlog.get_logger("agentd.actuator")
 
 ORIGINALS_FILE = "original_limits.json"
-TOLERANCE_W = 1.0  # NVML reports limits in mW; drivers round to a few hundred mW
+TOLERANCE_W = 1.0  # read-back vs written: drivers may round a written limit
+CHANGE_W = 0.01  # smaller target changes are not worth a write
 
 
 @dataclass(slots=True)
@@ -81,7 +82,11 @@ class Actuator:
             ours = control.set_w if control.set_w is not None else current
             control.externally_limited = (enforced is not None and ours is not None
                                           and enforced < ours - TOLERANCE_W)
-            if current is not None and abs(current - target) < TOLERANCE_W:
+            # Compare with what we wrote while it still holds (the read-back may be rounded by
+            # the driver), else with what the GPU reads: a write happens only on a real change.
+            held = control.set_w if (control.set_w is not None and current is not None
+                                     and abs(current - control.set_w) < TOLERANCE_W) else current
+            if held is not None and abs(held - target) < CHANGE_W:
                 continue  # already there: no write
             if control.externally_limited and current is not None and target > current:
                 continue  # something else holds it lower: raising ours would fight it
@@ -108,7 +113,7 @@ class Actuator:
         control.set_w = target
         control.writes += 1
         control.error = None
-        log.info("power_limit_set", gpu=index, uuid=sample.uuid, limit_w=target)
+        log.debug("power_limit_set", gpu=index, uuid=sample.uuid, limit_w=target)
 
     # -- originals: persist before the first write, restore on stop ---------------------------------
 

@@ -252,6 +252,17 @@ class ApiConfig(_Section):
     listen: str = "127.0.0.1:9410"
 
 
+class RulesConfig(_Section):
+    enabled: bool = Field(True, description="evaluate rules and act (with dry_run: evaluate and report only)")
+    builtin_packs: bool = Field(True, description="load the packs that ship in rules/packs")
+    dirs: list[Path] = Field(default_factory=lambda: [Path("/etc/agentd/rules.d")],
+                             description="site rule files: every *.yaml in these directories")
+    params: dict[str, float | int | str | bool] = Field(
+        default_factory=dict, description="site values of the packs' params (e.g. tcs_supply_max_c = 43)")
+    ramp_w_per_s: float = Field(25.0, gt=0, le=10_000, description="how fast a released cap rises, per GPU")
+    hold_s: float = Field(30.0, ge=0, le=3600, description="no release within this long of a cap falling")
+
+
 class AgentConfig(_Section):
     interval: float = Field(1.0, ge=0.05, le=3600, description="seconds between ticks")
     backend: Literal["nvml", "sim"] = "nvml"
@@ -266,6 +277,7 @@ class AgentConfig(_Section):
     influx: InfluxConfig = InfluxConfig()
     mqtt: MqttConfig = MqttConfig()
     coolant: CoolantConfig = CoolantConfig()
+    rules: RulesConfig = RulesConfig()
     api: ApiConfig = ApiConfig()
 
     @property

@@ -21,9 +21,11 @@ import structlog
 from agentd import sdnotify
 from agentd.clock import Clock, SystemClock
 from agentd.config import AgentConfig
-from agentd.lineproto import encode
+from agentd.actuator import Actuator
+from agentd.control import ControlStep, Controller, coolant_signals, load_rules
 from agentd.coolant_ingest import CoolantIngest
-from agentd.points import agent_point, gpu_point
+from agentd.lineproto import encode
+from agentd.points import agent_point, gpu_point, throttle_event_point
 from agentd.store import Store
 from collectors.base import BackendError, GpuBackend, GpuInfo, GpuSample
 from collectors.coolant import CoolantState
@@ -86,6 +88,25 @@ def make_mqtt_link(cfg: AgentConfig, ingest: CoolantIngest):
                     handler=ingest.handle_batch)
 
 
+def make_controller(cfg: AgentConfig, *, coolant_fed: bool) -> Controller | None:
+    """The rules controller, or None when ``rules.enabled`` is false.
+
+    Coolant-scope rules need coolant inputs: on a node with none, an absent supply temperature
+    would read as "unknown" for ever and fail-safe rules would cap the node for no reason, so
+    those rules are left out (and that is logged).
+    """
+    if not cfg.rules.enabled:
+        return None
+    rule_set = load_rules(cfg.rules.dirs, cfg.rules.builtin_packs)
+    if not coolant_fed:
+        dropped = [r.name for r in rule_set.rules if r.scope == "coolant"]
+        rule_set.rules = [r for r in rule_set.rules if r.scope != "coolant"]
+        if dropped:
+            log.info("coolant_rules_off", rules=dropped, hint="no coolant.subscriptions configured")
+    return Controller.build(rule_set, cfg.rules.params, rise_w_per_s=cfg.rules.ramp_w_per_s,
+                            hold_s=cfg.rules.hold_s, seed=cfg.node_name)
+
+
 def open_store(cfg: AgentConfig) -> Store:
     return Store(Path(cfg.state_dir) / STORE_FILE, max_bytes=cfg.store.max_bytes)
 
@@ -94,7 +115,8 @@ class Daemon:
     """One node's agent. ``run`` is the daemon; ``tick`` is one step, callable from tests."""
 
     def __init__(self, cfg: AgentConfig, backend: GpuBackend, store: Store, *,
-                 forwarder: Any | None = None, clock: Clock | None = None) -> None:
+                 forwarder: Any | None = None, clock: Clock | None = None,
+                 coolant_fed: bool | None = None) -> None:
         self.cfg = cfg
         self.backend = backend
         self.store = store
@@ -105,6 +127,11 @@ class Daemon:
         self.state = NodeState(coolant=self.coolant.state)
         self.stats = TickStats()
         self.mqtt = make_mqtt_link(cfg, self.coolant)
+        if coolant_fed is None:
+            coolant_fed = bool(cfg.coolant.subscriptions)
+        self.controller = make_controller(cfg, coolant_fed=coolant_fed)
+        self.actuator = Actuator(backend, Path(cfg.state_dir), dry_run=cfg.dry_run)
+        self.last_step: ControlStep | None = None
         # One worker: NVML calls are serialised, and a hung call blocks only this thread.
         self._nvml = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
         self._inflight: concurrent.futures.Future | None = None
@@ -125,7 +152,46 @@ class Daemon:
         self.state.infos = {i.index: i for i in infos}
         log.info("backend_open", backend=self.cfg.backend, gpus=len(infos),
                  models=sorted({i.model for i in infos}), host=self.host, dry_run=self.cfg.dry_run)
+        if self.actuator.load_originals() and not self.cfg.dry_run:
+            # A previous run ended without restoring (crash, kill -9): repair before anything else.
+            outcome = await self._restore_limits()
+            log.warning("limits_restored_after_unclean_stop", outcome=outcome)
         return infos
+
+    async def _restore_limits(self) -> dict[str, str]:
+        """Put back the limits the GPUs had before we took them over (bounded by the NVML timeout)."""
+        uuids = {i.uuid: i.index for i in self.state.infos.values() if i.uuid}
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._nvml, self.actuator.restore, uuids),
+                                          self.cfg.nvml_timeout * 5)
+        except asyncio.TimeoutError:
+            log.error("limits_restore_timeout", hint="NVML hung; run `agentd restore-limits` (ExecStopPost)")
+            return {}
+
+    async def _control(self, now: float, samples: dict[int, GpuSample], ts_ns: int,
+                       lines: list[tuple[int, str]]) -> None:
+        """Rules -> targets -> actuator (on the NVML thread), and the rule transitions as events."""
+        node, stale = coolant_signals(self.state.coolant, now)
+        step = self.controller.step(now, samples, node, stale)  # type: ignore[union-attr]
+        self.last_step = step
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self._nvml, self.actuator.apply, step.limits_w, samples),
+                                   self.cfg.nvml_timeout)
+        except asyncio.TimeoutError:
+            self.stats.nvml_errors += 1
+            log.error("limit_write_timeout", timeout_s=self.cfg.nvml_timeout)
+        engine = self.controller.engine  # type: ignore[union-attr]
+        for ev in step.evaluation.events:
+            actions = ",".join(a.type for a in engine.rule(ev.rule).actions)
+            limit = self.actuator.controls[ev.gpu].set_w if ev.gpu in self.actuator.controls else None
+            (log.warning if ev.to_state == "firing" else log.info)(
+                "rule_" + ev.to_state, rule=ev.rule, gpu=ev.gpu, severity=ev.severity, value=ev.value,
+                message=ev.message)
+            lines.append((ts_ns, encode(throttle_event_point(
+                self.host, ts_ns, rule=ev.rule, severity=ev.severity, state=ev.to_state, action=actions,
+                gpu=ev.gpu, value=ev.value, limit_w=limit, message=ev.message))))
 
     async def _sample(self, ts_ns: int) -> list[GpuSample] | None:
         """Read every GPU off the loop; None when the backend is hung or failed this tick."""
@@ -159,8 +225,13 @@ class Daemon:
             self.state.gpus[sample.index] = sample
             if not sample.healthy:
                 self.stats.nvml_errors += 1
-            else:
-                line = encode(gpu_point(sample, self.host))
+        if samples and self.controller is not None:
+            await self._control(started, {s.index: s for s in samples}, ts_ns, lines)
+        controls = self.actuator.controls
+        for sample in samples or ():
+            if sample.healthy:
+                control = controls.get(sample.index)
+                line = encode(gpu_point(sample, self.host, control.set_w if control is not None else None))
                 if line is not None:
                     lines.append((sample.ts_ns, line))
         self.state.last_tick_ns = ts_ns
@@ -261,6 +332,8 @@ class Daemon:
                 await self.forwarder.flush(FLUSH_ON_STOP_S)
             finally:
                 await self.forwarder.writer.close()
+        if not self.cfg.dry_run and self.actuator.load_originals():
+            log.info("limits_restored", outcome=await self._restore_limits())
         try:
             self.backend.close()
         except Exception as exc:  # closing must not hide the reason we are stopping

@@ -55,3 +55,16 @@ def coolant_point(reading: Reading, ts_ns: int, extra: dict[str, float] | None =
         fields,
         ts_ns,
     )
+
+
+def throttle_event_point(host: str, ts_ns: int, *, rule: str, severity: str, state: str, action: str,
+                         gpu: int | None, value: float | None, limit_w: float | None, message: str) -> Point:
+    """The ``throttle_event`` measurement: one rule transition (pending / firing / resolved).
+
+    ``value`` is numeric only (a string such as a leak state goes into ``message``), so the
+    field keeps one type on every server.
+    """
+    numeric = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return Point("throttle_event", {"host": host, "rule": rule, "severity": severity},
+                 {"state": state, "action": action, "gpu": gpu, "value": numeric, "limit_w": limit_w,
+                  "message": message}, ts_ns)

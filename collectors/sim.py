@@ -93,6 +93,10 @@ class SimBackend:
         gpu.limit_w = float(limit_w)
         self.writes.append((index, float(limit_w)))
 
+    def limits_w(self) -> dict[int, float]:
+        """The limit each simulated GPU holds right now (what a write changed, before any read)."""
+        return {g.info.index: g.limit_w for g in self._gpus}
+
     def _demand_w(self, gpu: _SimGpu, t_s: float) -> float:
         noise = gpu.rng.gauss(0.0, 8.0)
         if self.profile == "idle":

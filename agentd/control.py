@@ -1,0 +1,112 @@
+"""From node state to power-limit targets: the rules engine, composition and ramp, per tick.
+
+The daemon's tick calls :meth:`Controller.step` with the tick's GPU samples and the coolant
+signals; the result (per-GPU limits to apply, rule transitions, advice) goes to the actuator on
+the NVML thread, to the store as ``throttle_event`` points and to the logs. All of it runs on the
+injected clock, so closed-loop tests run minutes of simulated time in milliseconds.
+
+"Uncapped" means the limit each GPU had when the daemon first saw it (the operator's setting, or
+the driver default), not the device maximum: releasing a cap returns a GPU to where it was.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from collectors.base import GpuSample
+from rules.actions import GpuLimits, Ramp, compose
+from rules.engine import Engine, Evaluation, gpu_values
+from rules.model import RuleSet, default_pack_paths, load_rule_files
+
+
+def load_rules(rule_dirs: Iterable[Path | str], builtin_packs: bool = True) -> RuleSet:
+    """The shipped packs (unless disabled) plus every ``*.yaml`` in the site's rule directories.
+
+    Raises ``rules.model.RuleLoadError`` listing every located error.
+    """
+    paths: list[Path] = list(default_pack_paths()) if builtin_packs else []
+    for directory in rule_dirs:
+        paths += sorted(Path(directory).glob("*.yaml"))
+    return load_rule_files(paths)
+
+
+@dataclass(slots=True)
+class ControlStep:
+    """What one tick decided."""
+
+    evaluation: Evaluation
+    limits_w: dict[int, float]  # to apply now (after the ramp), per GPU index
+
+
+@dataclass
+class Controller:
+    """Engine + composition + ramp for one node. Pure: values and a clock in, decisions out."""
+
+    engine: Engine
+    ramp: Ramp
+    uncapped_w: dict[int, float] = field(default_factory=dict)
+    applied_w: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, rule_set: RuleSet, params: Mapping[str, Any] | None = None, *,
+              rise_w_per_s: float = 25.0, hold_s: float = 30.0, seed: str = "") -> "Controller":
+        """A controller whose ramp jitter is seeded by ``seed`` (the node name spreads a fleet)."""
+        return cls(Engine(rule_set, params), Ramp(rise_w_per_s=rise_w_per_s, hold_s=hold_s,
+                                                  rng=random.Random(seed)))
+
+    def step(self, now: float, samples: Mapping[int, GpuSample], node_signals: Mapping[str, Any],
+             stale: frozenset[str] = frozenset()) -> ControlStep:
+        """Evaluate the rules on this tick's readings and return the limits to apply."""
+        gpus = {i: gpu_values(s) for i, s in samples.items()}
+        node = dict(node_signals)
+        node["node.gpu_power_w"] = sum(s.power_w for s in samples.values() if s.healthy and s.power_w is not None)
+        node["node.gpus"] = len(samples)
+        evaluation = self.engine.evaluate(now, node, gpus, stale)
+        bounds: dict[int, GpuLimits] = {}
+        for i, s in samples.items():
+            if not s.healthy or s.limit_min_w is None or s.limit_max_w is None:
+                continue
+            if i not in self.uncapped_w:
+                first = s.limit_current_w if s.limit_current_w is not None else s.limit_w
+                self.uncapped_w[i] = first if first is not None else s.limit_max_w
+                self.applied_w[i] = self.uncapped_w[i]
+            bounds[i] = GpuLimits(s.limit_min_w, s.limit_max_w, self.uncapped_w[i])
+        targets = compose(evaluation.ceilings, bounds, evaluation.node_caps)
+        limits = self.ramp.step(now, targets, self.applied_w, bounds)
+        self.applied_w.update(limits)
+        return ControlStep(evaluation, limits)
+
+
+LEAK_ORDER = {"Critical": 4, "Warning": 3, "Unavailable": 2, "Absent": 1, "OK": 0}
+COOLANT_LOOPS = ("facility", "tcs")
+COOLANT_FIELDS = ("supply_temp_c", "return_temp_c", "delta_temp_c", "flow_lpm", "supply_pressure_kpa",
+                  "return_pressure_kpa", "delta_pressure_kpa", "pump_speed_pct")
+
+
+def coolant_signals(coolant: Any, now_mono: float) -> tuple[dict[str, Any], frozenset[str]]:
+    """The rules' ``coolant.*`` signals from ``collectors.coolant.CoolantState``: per loop the
+    worst good value of each field, the worst leak state over all loops, and the stale names
+    (a field with a degraded sensor; ``coolant.stale`` when any sensor is degraded)."""
+    node: dict[str, Any] = {}
+    stale: set[str] = set()
+    leak: str | None = None
+    for name, view in coolant.loops(now_mono).items():
+        if name not in COOLANT_LOOPS:
+            continue
+        for fld in COOLANT_FIELDS:
+            value = view.worst(fld)
+            if value is not None:
+                node[f"coolant.{name}.{fld}"] = value
+            if view.is_degraded(fld):
+                stale.add(f"coolant.{name}.{fld}")
+        if view.leak is not None and (leak is None or LEAK_ORDER.get(view.leak, 0) > LEAK_ORDER.get(leak, 0)):
+            leak = view.leak
+        if view.is_degraded("leak"):
+            stale.add("coolant.leak")
+    if leak is not None:
+        node["coolant.leak"] = leak
+    node["coolant.stale"] = bool(stale)
+    return node, frozenset(stale)
