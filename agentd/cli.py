@@ -11,6 +11,7 @@ import click
 
 from agentd import __version__
 from agentd.config import AgentConfig, ConfigError, effective_config_text, load_config
+from agentd.rules_cli import rules
 
 _CONFIG_OPTION = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -108,6 +109,38 @@ def probe(as_json: bool) -> None:
         sys.exit(1)
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else probe_text(result))
 
+
+
+@main.command("restore-limits")
+@_CONFIG_OPTION
+def restore_limits(config_path: Path | None) -> None:
+    """Put every GPU back to the power limit it had before agentd took it over.
+
+    For ExecStopPost and after a crash: reads original_limits.json in the state directory,
+    writes each original back (by GPU UUID), forgets those restored. Exits 1 when any failed.
+    """
+    from agentd.actuator import Actuator
+    from agentd.daemon import make_backend
+    from collectors.base import BackendError
+
+    cfg = _load_or_exit(config_path)
+    backend = make_backend(cfg)
+    try:
+        actuator = Actuator(backend, cfg.state_dir, dry_run=False)
+        if not actuator.load_originals():
+            click.echo(f"agentd restore-limits: nothing to restore ({actuator.originals_path} absent)")
+            return
+        infos = backend.open()
+        outcome = actuator.restore({i.uuid: i.index for i in infos if i.uuid})
+    except (BackendError, OSError) as exc:
+        click.echo(f"agentd restore-limits: {exc}", err=True)
+        sys.exit(1)
+    finally:
+        backend.close()
+    for uuid, result in sorted(outcome.items()):
+        click.echo(f"{uuid}: {result}")
+    if any(result.startswith("failed") for result in outcome.values()):
+        sys.exit(1)
 
 
 @main.group()
@@ -246,3 +279,6 @@ async def _run_sim_cdu(model, mqtt_cfg, interval: float, duration: float | None,
         stop.set()
         await asyncio.gather(link_task, return_exceptions=True)
     return sent, steps
+
+
+main.add_command(rules)

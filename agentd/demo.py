@@ -54,7 +54,7 @@ def render(daemon: Daemon, elapsed_s: float, duration_s: float) -> str:
             f"  {_fmt(s.mem_temp_c, '5.1f')}  {_fmt((s.energy_j or 0) / 1000, '9.2f')}  "
             f"{_fmt(s.util_pct, '6.1f')}  {_fmt(s.sm_clock_mhz, '6.0f')}  {'yes' if s.throttled else 'no'}"
         )
-    rows += ["", *coolant_rows(daemon)]
+    rows += ["", *coolant_rows(daemon), "", *rule_rows(daemon)]
     rows += [
         "",
         f"node GPU power {total_w:8.1f} W   ticks {daemon.stats.ticks}   "
@@ -63,6 +63,18 @@ def render(daemon: Daemon, elapsed_s: float, duration_s: float) -> str:
         f"(local store; no InfluxDB configured)",
     ]
     return "\n".join(rows)
+
+
+def rule_rows(daemon: Daemon) -> list[str]:
+    """What the rules are doing: firing rules and the advice to the scheduler."""
+    step = daemon.last_step
+    if step is None:
+        return ["rules: not evaluated yet"]
+    firing = sorted({(i.rule, i.severity) for i in step.evaluation.firing()})
+    advice = ", ".join(f"{k} ({', '.join(v)})" for k, v in sorted(step.evaluation.advice.items())) or "none"
+    rules = ", ".join(f"{name} [{sev}]" for name, sev in firing) or "none firing"
+    mode = "dry run: nothing written" if daemon.cfg.dry_run else "limits applied"
+    return [f"rules: {rules}", f"advice: {advice}   ({mode})"]
 
 
 def coolant_rows(daemon: Daemon) -> list[str]:

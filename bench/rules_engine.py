@@ -53,11 +53,8 @@ def rules_yaml() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ticks", type=int, default=5000)
-    ap.add_argument("--interval", type=float, default=0.1)
-    args = ap.parse_args()
+def measure_engine(ticks: int = 5000, interval: float = 0.1) -> tuple[float, str]:
+    """Mean ms of ``Engine.evaluate`` per tick, and a line describing the run."""
     engine = Engine(load_rules_text(rules_yaml(), "bench"))
     rng = random.Random(1)
     # Pre-build the input dicts (the daemon builds them anyway); the timed part is evaluate().
@@ -70,8 +67,8 @@ def main() -> None:
     total = 0.0
     firing_max = 0
     events = 0
-    for tick in range(args.ticks):
-        now = tick * args.interval
+    for tick in range(ticks):
+        now = tick * interval
         for g in gpus.values():
             g["temp_c"] = 82.0 + rng.gauss(0, 1.0)
             g["mem_temp_c"] = 88.0 + rng.gauss(0, 1.0)
@@ -84,9 +81,18 @@ def main() -> None:
         total += time.perf_counter() - t0
         firing_max = max(firing_max, len(ev.ceilings))
         events += len(ev.events)
-    ms = total / args.ticks * 1000
-    print(f"rules=50 (40 gpu x 8 + 10 node) instances={len(engine.states)} ticks={args.ticks} "
-          f"max_ceilings_per_tick={firing_max} events_per_tick={events / args.ticks:.2f} python={sys.version.split()[0]}")
+    info = (f"rules=50 (40 gpu x 8 + 10 node) instances={len(engine.states)} ticks={ticks} "
+            f"max_ceilings_per_tick={firing_max} events_per_tick={events / ticks:.2f} python={sys.version.split()[0]}")
+    return total / ticks * 1000, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ticks", type=int, default=5000)
+    ap.add_argument("--interval", type=float, default=0.1)
+    args = ap.parse_args()
+    ms, info = measure_engine(args.ticks, args.interval)
+    print(info)
     print(f"engine_ms_per_tick={ms:.3f}")
 
 

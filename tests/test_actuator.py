@@ -124,3 +124,24 @@ def test_no_sequence_of_targets_writes_outside_the_constraints(tmp_path_factory,
         act.apply({0: a, 1: b}, tick(backend))
     for gpu in fake.gpus:
         assert all(200_000 <= mw <= 700_000 for mw in gpu.sets)
+
+
+def test_restore_limits_command_repairs_a_crashed_run(tmp_path):
+    from click.testing import CliRunner
+
+    from agentd.cli import main
+    from tests.fake_pynvml import install
+
+    fake = FakeNvml.with_gpus(2, limit_mw=700_000)
+    backend = NvmlBackend(fake)
+    backend.open()
+    Actuator(backend, tmp_path).apply({0: 300.0, 1: 450.0}, tick(backend))  # then: kill -9
+    config = tmp_path / "agentd.toml"
+    config.write_text(f'state_dir = "{tmp_path}"\n')
+    with install(fake):
+        result = CliRunner().invoke(main, ["restore-limits", "--config", str(config)], env={})
+        assert result.exit_code == 0, result.output
+        assert f"{fake.gpus[0].uuid}: restored 700 W" in result.output
+        assert [g.limit_mw for g in fake.gpus] == [700_000, 700_000]
+        again = CliRunner().invoke(main, ["restore-limits", "--config", str(config)], env={})
+    assert again.exit_code == 0 and "nothing to restore" in again.output
