@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Read-only checks on a machine with a real NVIDIA GPU (run by hand or through the device tool):
-# probe, the collector's tests against the real driver, and the daemon on real NVML for a while.
+# probe, the collector's tests against the real driver, the daemon on real NVML for a while (rules
+# evaluating in dry_run), NVML call latencies, and the daemon's CPU/RSS on the real driver.
 # Never writes a GPU setting: dry_run = true, no limit writes, no clocks, no MIG.
 #   bench/device_check.sh [OUTDIR]      (wheels in .whl/ are installed to /tmp/site when present)
 set -u
@@ -38,4 +39,5 @@ if ticks:
     print(f"tick_s p50={ticks[len(ticks)//2]*1000:.2f} ms max={ticks[-1]*1000:.2f} ms over {len(ticks)} ticks")
 PY
 python3 bench/nvml_latency.py > "$out/latency.txt" 2>&1
+python3 bench/overhead.py --real-nvml --seconds "${OVERHEAD_S:-30}" > "$out/overhead.txt" 2>&1
 echo done

@@ -45,14 +45,16 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def measure_daemon(interval_s: float, seconds: float) -> dict[str, float]:
+def measure_daemon(interval_s: float, seconds: float, real_nvml: bool = False) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="agentd-bench-") as state:
         config = Path(state) / "agentd.toml"
+        # dry_run: on a real GPU the bench only reads (rules evaluate, nothing is written)
         config.write_text(f'interval = {interval_s}\nbackend = "nvml"\nstate_dir = "{state}"\n'
-                          'node = "bench"\nlog_level = "warning"\n')
+                          f'node = "bench"\nlog_level = "warning"\ndry_run = {str(real_nvml).lower()}\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, str(HERE / "_fake_node.py"), "run", "--config", str(config)],
+        entry = ["-m", "agentd"] if real_nvml else [str(HERE / "_fake_node.py")]
+        proc = subprocess.Popen([sys.executable, *entry, "run", "--config", str(config)],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             time.sleep(WARMUP_S)
@@ -91,11 +93,14 @@ def measure_spawn(n: int = 300) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per rate")
+    parser.add_argument("--real-nvml", action="store_true",
+                        help="the real driver instead of the 8-GPU fake (read only: dry_run)")
     args = parser.parse_args()
+    print("NVML:", "the real driver (dry_run)" if args.real_nvml else "fake, 8 GPUs, constant values")
 
     results = {}
     for hz in (1, 10):
-        r = measure_daemon(1.0 / hz, args.seconds)
+        r = measure_daemon(1.0 / hz, args.seconds, args.real_nvml)
         results[hz] = r
         print(f"{hz:>2} Hz: steady {r['steady_pct']:.3f} % of a core ({r['per_tick_ms']:.3f} ms CPU per tick), "
               f"whole process {r['whole_pct']:.3f} % (start-up + warm-up {r['startup_cpu_s']:.2f} CPU s), "
