@@ -79,30 +79,41 @@ class Actuator:
             control.target_w = target
             enforced = sample.limit_w
             current = sample.limit_current_w if sample.limit_current_w is not None else enforced
-            ours = control.set_w if control.set_w is not None else current
-            control.externally_limited = (enforced is not None and ours is not None
-                                          and enforced < ours - TOLERANCE_W)
-            # Compare with what we wrote while it still holds (the read-back may be rounded by
-            # the driver), else with what the GPU reads: a write happens only on a real change.
-            held = control.set_w if (control.set_w is not None and current is not None
-                                     and abs(current - control.set_w) < TOLERANCE_W) else current
+            # Our last write still holds when the GPU reads it back (within the driver's rounding).
+            ours_holds = (control.set_w is not None and current is not None
+                          and abs(current - control.set_w) < TOLERANCE_W)
+            held = control.set_w if ours_holds else current
+            control.externally_limited = enforced is not None and held is not None and enforced < held - TOLERANCE_W
             if held is not None and abs(held - target) < CHANGE_W:
                 continue  # already there: no write
-            if control.externally_limited and current is not None and target > current:
-                continue  # something else holds it lower: raising ours would fight it
             if control.observe_only:
                 control.set_w = target  # what we would have written: reported, not written
+                continue
+            if current is not None and target > current and (control.externally_limited or not ours_holds):
+                # Something else set or enforces a lower limit (an operator's nvidia-smi -pl, a
+                # BMC power brake): raising it would fight them. Lowering is always allowed.
+                control.externally_limited = True
                 continue
             self._write(index, sample, target, control)
         return self.controls
 
     def _write(self, index: int, sample: GpuSample, target: float, control: GpuControl) -> None:
-        self._remember_original(sample)
+        try:
+            added = self._remember_original(sample)
+        except OSError as exc:
+            control.error = f"cannot persist the original limit: {exc}"
+            log.error("power_limit_not_written", gpu=index, uuid=sample.uuid, file=str(self.originals_path),
+                      error=str(exc), hint="the state directory must be writable (free space? permissions?); "
+                                           "no limit is written that could not be restored")
+            return
         try:
             self.backend.set_power_limit(index, target)
-        except LimitWriteError as exc:
+        except (LimitWriteError, ValueError) as exc:
             control.error = str(exc)
-            if exc.permission:
+            if added:  # nothing was changed on this GPU: there is nothing to restore
+                del self._originals[sample.uuid]
+                self._save_originals()
+            if isinstance(exc, LimitWriteError) and exc.permission:
                 control.observe_only = True
                 log.error("power_limit_no_permission", gpu=index, uuid=sample.uuid, error=str(exc),
                           hint="agentd needs root or CAP_SYS_ADMIN to set limits; this GPU continues "
@@ -128,17 +139,27 @@ class Actuator:
                           "restored from it: check the GPUs' limits with nvidia-smi and remove the file") from exc
         return self._originals
 
-    def _remember_original(self, sample: GpuSample) -> None:
+    def _remember_original(self, sample: GpuSample) -> bool:
+        """Persist the GPU's limit before our first write to it; True when newly recorded."""
         if sample.uuid in self._originals:
-            return  # the first value seen stays the original, across restarts too
+            return False  # the first value seen stays the original, across restarts too
         original = sample.limit_current_w if sample.limit_current_w is not None else sample.limit_w
         if original is None:
-            return
+            return False
         self._originals[sample.uuid] = {"index": sample.index, "limit_w": original}
-        self._save_originals()
+        try:
+            self._save_originals()
+        except OSError:
+            del self._originals[sample.uuid]
+            raise
+        return True
 
     def _save_originals(self) -> None:
+        """Write the originals atomically (tmp + fsync + rename); no file when none are held."""
         path = self.originals_path
+        if not self._originals:
+            path.unlink(missing_ok=True)
+            return
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as fh:
             json.dump(self._originals, fh, indent=1, sort_keys=True)
@@ -166,10 +187,7 @@ class Actuator:
             outcome[uuid] = f"restored {entry['limit_w']:g} W"
             del self._originals[uuid]
             log.info("power_limit_restored", gpu=index, uuid=uuid, limit_w=entry["limit_w"])
-        if self._originals:
-            self._save_originals()
-        else:
-            self.originals_path.unlink(missing_ok=True)
+        self._save_originals()
         for control in self.controls.values():
             control.set_w = None
         return outcome

@@ -53,11 +53,16 @@ def run(config_path: Path | None) -> None:
     from agentd.service import serve
     from agentd.store import StoreError
     from collectors.base import BackendError
+    from rules.model import RuleLoadError
 
     cfg = _load_or_exit(config_path)
     setup_logging(cfg.log_level)
     try:
         asyncio.run(serve(cfg))
+    except RuleLoadError as exc:  # a site rule file is wrong: say where, like check-config
+        for line in exc.errors:
+            click.echo(line, err=True)
+        sys.exit(2)
     except BackendError as exc:
         click.echo(f"agentd: {exc}", err=True)
         sys.exit(1)

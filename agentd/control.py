@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from collectors.base import GpuSample
+from collectors.coolant import LEAK_RANK
 from rules.actions import GpuLimits, Ramp, compose
 from rules.engine import Engine, Evaluation, gpu_values
+from rules.expr import COOLANT_FIELDS, COOLANT_LOOPS
 from rules.model import RuleSet, default_pack_paths, load_rule_files
 
 
@@ -52,10 +54,12 @@ class Controller:
 
     @classmethod
     def build(cls, rule_set: RuleSet, params: Mapping[str, Any] | None = None, *,
-              rise_w_per_s: float = 25.0, hold_s: float = 30.0, seed: str = "") -> "Controller":
-        """A controller whose ramp jitter is seeded by ``seed`` (the node name spreads a fleet)."""
+              rise_w_per_s: float = 25.0, hold_s: float = 30.0, seed: str = "",
+              interval_s: float = 1.0) -> "Controller":
+        """A controller whose ramp jitter is seeded by ``seed`` (the node name spreads a fleet);
+        one step of the ramp never accounts for more than two tick intervals."""
         return cls(Engine(rule_set, params), Ramp(rise_w_per_s=rise_w_per_s, hold_s=hold_s,
-                                                  rng=random.Random(seed)))
+                                                  rng=random.Random(seed), max_step_s=2 * interval_s))
 
     def step(self, now: float, samples: Mapping[int, GpuSample], node_signals: Mapping[str, Any],
              stale: frozenset[str] = frozenset()) -> ControlStep:
@@ -80,12 +84,6 @@ class Controller:
         return ControlStep(evaluation, limits)
 
 
-LEAK_ORDER = {"Critical": 4, "Warning": 3, "Unavailable": 2, "Absent": 1, "OK": 0}
-COOLANT_LOOPS = ("facility", "tcs")
-COOLANT_FIELDS = ("supply_temp_c", "return_temp_c", "delta_temp_c", "flow_lpm", "supply_pressure_kpa",
-                  "return_pressure_kpa", "delta_pressure_kpa", "pump_speed_pct")
-
-
 def coolant_signals(coolant: Any, now_mono: float) -> tuple[dict[str, Any], frozenset[str]]:
     """The rules' ``coolant.*`` signals from ``collectors.coolant.CoolantState``: per loop the
     worst good value of each field, the worst leak state over all loops, and the stale names
@@ -96,13 +94,13 @@ def coolant_signals(coolant: Any, now_mono: float) -> tuple[dict[str, Any], froz
     for name, view in coolant.loops(now_mono).items():
         if name not in COOLANT_LOOPS:
             continue
-        for fld in COOLANT_FIELDS:
+        for fld in COOLANT_FIELDS:  # the numeric coolant signals the rules know
             value = view.worst(fld)
             if value is not None:
                 node[f"coolant.{name}.{fld}"] = value
             if view.is_degraded(fld):
                 stale.add(f"coolant.{name}.{fld}")
-        if view.leak is not None and (leak is None or LEAK_ORDER.get(view.leak, 0) > LEAK_ORDER.get(leak, 0)):
+        if view.leak is not None and (leak is None or LEAK_RANK[view.leak] > LEAK_RANK[leak]):
             leak = view.leak
         if view.is_degraded("leak"):
             stale.add("coolant.leak")

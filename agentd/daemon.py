@@ -26,7 +26,7 @@ from agentd.control import ControlStep, Controller, coolant_signals, load_rules
 from agentd.coolant_ingest import CoolantIngest
 from agentd.lineproto import encode
 from agentd.points import agent_point, gpu_point, throttle_event_point
-from agentd.store import Store
+from agentd.store import Store, StoreError
 from collectors.base import BackendError, GpuBackend, GpuInfo, GpuSample
 from collectors.coolant import CoolantState
 
@@ -48,7 +48,6 @@ class NodeState:
 
     gpus: dict[int, GpuSample] = field(default_factory=dict)
     infos: dict[int, GpuInfo] = field(default_factory=dict)
-    last_tick_ns: int = 0
     coolant: CoolantState = field(default_factory=CoolantState)
 
 
@@ -57,6 +56,7 @@ class TickStats:
     ticks: int = 0
     ticks_missed: int = 0
     nvml_errors: int = 0
+    store_errors: int = 0
     tick_s: float = 0.0
     tick_lag_s: float = 0.0
 
@@ -104,7 +104,7 @@ def make_controller(cfg: AgentConfig, *, coolant_fed: bool) -> Controller | None
         if dropped:
             log.info("coolant_rules_off", rules=dropped, hint="no coolant.subscriptions configured")
     return Controller.build(rule_set, cfg.rules.params, rise_w_per_s=cfg.rules.ramp_w_per_s,
-                            hold_s=cfg.rules.hold_s, seed=cfg.node_name)
+                            hold_s=cfg.rules.hold_s, seed=cfg.node_name, interval_s=cfg.interval)
 
 
 def open_store(cfg: AgentConfig) -> Store:
@@ -142,10 +142,8 @@ class Daemon:
 
     async def start(self) -> list[GpuInfo]:
         """Open the backend (off the loop, with the NVML timeout). Raises BackendError."""
-        loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.wait_for(loop.run_in_executor(self._nvml, self.backend.open),
-                                           self.cfg.nvml_timeout * 5)
+            infos = await self._on_nvml_thread(self.cfg.nvml_timeout * 5, self.backend.open)
         except asyncio.TimeoutError as exc:
             raise BackendError(f"GPU backend {self.cfg.backend!r} did not initialise within "
                                f"{self.cfg.nvml_timeout * 5:.0f} s (driver hung?)") from exc
@@ -158,30 +156,51 @@ class Daemon:
             log.warning("limits_restored_after_unclean_stop", outcome=outcome)
         return infos
 
+    @property
+    def nvml_busy(self) -> bool:
+        """True while a call on the NVML thread has not returned (hung driver)."""
+        return self._inflight is not None and not self._inflight.done()
+
+    async def _on_nvml_thread(self, timeout_s: float, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the one NVML thread; raises TimeoutError (the call keeps running there)."""
+        loop = asyncio.get_running_loop()
+        self._inflight = loop.run_in_executor(self._nvml, fn, *args)  # type: ignore[assignment]
+        return await asyncio.wait_for(asyncio.shield(self._inflight), timeout_s)
+
     async def _restore_limits(self) -> dict[str, str]:
         """Put back the limits the GPUs had before we took them over (bounded by the NVML timeout)."""
         uuids = {i.uuid: i.index for i in self.state.infos.values() if i.uuid}
-        loop = asyncio.get_running_loop()
+        if self.nvml_busy:
+            log.error("limits_not_restored", reason="an NVML call is hung",
+                      hint="run `agentd restore-limits` (ExecStopPost does) once the driver answers")
+            return {}
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self._nvml, self.actuator.restore, uuids),
-                                          self.cfg.nvml_timeout * 5)
+            return await self._on_nvml_thread(self.cfg.nvml_timeout * 5, self.actuator.restore, uuids)
         except asyncio.TimeoutError:
             log.error("limits_restore_timeout", hint="NVML hung; run `agentd restore-limits` (ExecStopPost)")
-            return {}
+        except Exception as exc:  # the originals stay persisted for restore-limits
+            log.error("limits_restore_failed", error=repr(exc), file=str(self.actuator.originals_path),
+                      hint="run `agentd restore-limits` once the cause is fixed")
+        return {}
 
     async def _control(self, now: float, samples: dict[int, GpuSample], ts_ns: int,
                        lines: list[tuple[int, str]]) -> None:
         """Rules -> targets -> actuator (on the NVML thread), and the rule transitions as events."""
         node, stale = coolant_signals(self.state.coolant, now)
-        step = self.controller.step(now, samples, node, stale)  # type: ignore[union-attr]
-        self.last_step = step
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.run_in_executor(self._nvml, self.actuator.apply, step.limits_w, samples),
-                                   self.cfg.nvml_timeout)
+            step = self.controller.step(now, samples, node, stale)  # type: ignore[union-attr]
+        except Exception as exc:  # a rules bug must not stop telemetry; the limits stay as they are
+            log.error("rules_failed", error=repr(exc))
+            return
+        self.last_step = step
+        try:
+            await self._on_nvml_thread(self.cfg.nvml_timeout, self.actuator.apply, step.limits_w, samples)
         except asyncio.TimeoutError:
             self.stats.nvml_errors += 1
-            log.error("limit_write_timeout", timeout_s=self.cfg.nvml_timeout)
+            log.error("limit_write_timeout", timeout_s=self.cfg.nvml_timeout, targets_w=step.limits_w,
+                      hint="NVML did not return; the writes are retried when it answers")
+        except Exception as exc:
+            log.error("limit_apply_failed", error=repr(exc), targets_w=step.limits_w)
         engine = self.controller.engine  # type: ignore[union-attr]
         for ev in step.evaluation.events:
             actions = ",".join(a.type for a in engine.rule(ev.rule).actions)
@@ -195,18 +214,17 @@ class Daemon:
 
     async def _sample(self, ts_ns: int) -> list[GpuSample] | None:
         """Read every GPU off the loop; None when the backend is hung or failed this tick."""
-        if self._inflight is not None and not self._inflight.done():
+        if self.nvml_busy:
             self.stats.nvml_errors += 1
             log.warning("nvml_still_hung", timeout_s=self.cfg.nvml_timeout,
                         hint="a previous NVML call has not returned; skipping this tick's reading")
             return None
-        loop = asyncio.get_running_loop()
-        self._inflight = loop.run_in_executor(self._nvml, self.backend.sample, ts_ns)  # type: ignore[assignment]
         try:
-            return await asyncio.wait_for(asyncio.shield(self._inflight), self.cfg.nvml_timeout)
+            return await self._on_nvml_thread(self.cfg.nvml_timeout, self.backend.sample, ts_ns)
         except asyncio.TimeoutError:
             self.stats.nvml_errors += 1
-            log.error("nvml_timeout", timeout_s=self.cfg.nvml_timeout)
+            log.error("nvml_timeout", timeout_s=self.cfg.nvml_timeout,
+                      hint="the driver did not answer; check nvidia-smi and the kernel log (Xid errors)")
         except Exception as exc:  # a backend bug must not stop the node's telemetry
             self.stats.nvml_errors += 1
             log.error("sample_failed", error=repr(exc))
@@ -218,9 +236,10 @@ class Daemon:
         ts_ns = self.clock.wall_ns()
         samples = await self._sample(ts_ns)
         lines: list[tuple[int, str]] = []
-        for event in self.backend.drain_events():
-            (log.error if event.kind == "gpu_lost" else log.warning)(
-                event.kind, gpu=event.gpu_index, message=event.message)
+        if samples is not None:  # the backend is idle now: its event list is ours to take
+            for event in self.backend.drain_events():
+                (log.error if event.kind == "gpu_lost" else log.warning)(
+                    event.kind, gpu=event.gpu_index, message=event.message)
         for sample in samples or ():
             self.state.gpus[sample.index] = sample
             if not sample.healthy:
@@ -234,21 +253,35 @@ class Daemon:
                 line = encode(gpu_point(sample, self.host, control.set_w if control is not None else None))
                 if line is not None:
                     lines.append((sample.ts_ns, line))
-        self.state.last_tick_ns = ts_ns
         lines.extend(self.coolant.take_lines())
         lines.append((ts_ns, encode(agent_point(self.host, ts_ns, self._agent_fields()))))
-        self.store.append(lines)
+        self._store(lines)
         if self.forwarder is not None:
             self.forwarder.wake()
         if started - self._last_bounds >= BOUNDS_EVERY_S:
             self._last_bounds = started
-            self.store.enforce_bounds(ts_ns, self._retention_s)
+            try:
+                self.store.enforce_bounds(ts_ns, self._retention_s)
+            except StoreError as exc:
+                self.stats.store_errors += 1
+                log.error("store_bounds_failed", error=str(exc))
         self.stats.ticks += 1
         self.stats.tick_s = self.clock.monotonic() - started
+        if samples is None:
+            return  # no reading this tick: systemd's watchdog is fed only by good ticks
         if not self._ready_sent:
             self._ready_sent = True
             sdnotify.notify("READY=1\nSTATUS=collecting")
         sdnotify.notify("WATCHDOG=1")
+
+    def _store(self, lines: list[tuple[int, str]]) -> None:
+        """Append to the store; a failing disk is counted and logged, and protection goes on."""
+        try:
+            self.store.append(lines)
+        except StoreError as exc:
+            self.stats.store_errors += 1
+            log.error("store_append_failed", error=str(exc), lost_points=len(lines),
+                      hint="free space in state_dir (or lower store.max_bytes); rules keep acting")
 
     def _agent_fields(self) -> dict[str, float | int | bool | None]:
         fw = self.forwarder
@@ -260,6 +293,7 @@ class Daemon:
             "dropped": self.store.dropped,
             "write_errors": fw.write_errors if fw is not None else 0,
             "nvml_errors": self.stats.nvml_errors,
+            "store_errors": self.stats.store_errors,
             **self._mqtt_fields(),
             **self.coolant.agent_fields(),
         }
@@ -278,7 +312,7 @@ class Daemon:
         interval = self.cfg.interval
         fw_task = None
         if self.forwarder is not None:
-            fw_task = asyncio.create_task(self.forwarder.run(stop), name="forwarder")
+            fw_task = asyncio.create_task(self._forward(stop), name="forwarder")
         mqtt_stop = asyncio.Event()
         mqtt_task = None
         if self.mqtt is not None:
@@ -298,8 +332,20 @@ class Daemon:
                 await self._sleep_or_stop(next_at - now, stop)
         finally:
             sdnotify.notify("STOPPING=1")
-            await self.stop_mqtt(mqtt_task, mqtt_stop)
-            await self.shutdown(fw_task)
+            try:
+                await self.stop_mqtt(mqtt_task, mqtt_stop)
+            finally:
+                await self.shutdown(fw_task)
+
+    async def _forward(self, stop: asyncio.Event) -> None:
+        """The forwarder, restarted if it ever fails: readings wait in the store meanwhile."""
+        while not stop.is_set():
+            try:
+                await self.forwarder.run(stop)  # type: ignore[union-attr]
+                return
+            except Exception as exc:
+                log.error("forwarder_failed", error=repr(exc), hint="restarting in 5 s; nothing is lost")
+                await self._sleep_or_stop(5.0, stop)
 
     async def stop_mqtt(self, task: asyncio.Task | None, stop: asyncio.Event) -> None:
         """Say offline and disconnect, bounded: a hung broker must not hold up the shutdown."""
@@ -307,13 +353,13 @@ class Daemon:
             stop.set()
             try:
                 await asyncio.wait_for(asyncio.shield(task), MQTT_STOP_S)
-            except (asyncio.TimeoutError, Exception):
+            except Exception:  # TimeoutError included
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         # Readings that arrived after the last tick still go to the store.
         lines = self.coolant.take_lines()
         if lines:
-            self.store.append(lines)
+            self._store(lines)
 
     async def _sleep_or_stop(self, delay_s: float, stop: asyncio.Event) -> None:
         sleeper = asyncio.ensure_future(self.clock.sleep(delay_s))
@@ -323,21 +369,31 @@ class Daemon:
             task.cancel()
 
     async def shutdown(self, fw_task: asyncio.Task | None = None) -> None:
-        """Stop the forwarder after a bounded flush, release the driver, close the store."""
+        """Restore the GPUs first (safety before telemetry), then flush what can be shipped
+        within a bound, release the driver and close the store; each step runs even if an
+        earlier one failed."""
+        try:
+            if not self.cfg.dry_run and self.actuator.load_originals():
+                log.info("limits_restored", outcome=await self._restore_limits())
+        except Exception as exc:
+            log.error("limits_restore_failed", error=repr(exc), hint="run `agentd restore-limits`")
         if fw_task is not None:
             fw_task.cancel()
             await asyncio.gather(fw_task, return_exceptions=True)
         if self.forwarder is not None:
             try:
                 await self.forwarder.flush(FLUSH_ON_STOP_S)
+            except Exception as exc:  # what is left stays in the store for the next start
+                log.error("flush_failed", error=repr(exc))
             finally:
                 await self.forwarder.writer.close()
-        if not self.cfg.dry_run and self.actuator.load_originals():
-            log.info("limits_restored", outcome=await self._restore_limits())
-        try:
-            self.backend.close()
-        except Exception as exc:  # closing must not hide the reason we are stopping
-            log.warning("backend_close_failed", error=repr(exc))
+        if self.nvml_busy:
+            log.error("nvml_hung_at_stop", hint="not calling nvmlShutdown while a call is stuck")
+        else:
+            try:
+                self.backend.close()
+            except Exception as exc:  # closing must not hide the reason we are stopping
+                log.warning("backend_close_failed", error=repr(exc))
         self._nvml.shutdown(wait=False, cancel_futures=True)
         backlog = self.store.backlog()
         self.store.close()

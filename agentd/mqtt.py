@@ -45,6 +45,9 @@ def status_topic(site: str, node: str) -> str:
     return f"agentd/v1/{site}/nodes/{node}/status"
 
 
+STABLE_CONNECTION_S = 10.0
+
+
 def backoff_delay_s(attempt: int, rng: random.Random, min_s: float, max_s: float) -> float:
     """Delay before reconnect ``attempt`` (0-based): doubling from ``min_s``, capped at ``max_s``,
     uniformly jittered over the upper half of that value."""
@@ -163,9 +166,9 @@ class MqttLink:
                     session.cancel()
                     await asyncio.gather(session, return_exceptions=True)
                     break
-                was_connected = session.result()
-                if was_connected:
-                    attempt = 0
+                if session.result() >= STABLE_CONNECTION_S:
+                    attempt = 0  # only a connection that held resets the backoff (no flapping
+                    # at full speed when, say, two nodes share a client id and kick each other)
                 self.last_delay_s = delay = backoff_delay_s(attempt, self.rng, self.cfg.reconnect_min,
                                                             self.cfg.reconnect_max)
                 attempt += 1
@@ -177,19 +180,22 @@ class MqttLink:
             self.connected = False
             self._client = None
 
-    async def _session(self) -> bool:
-        """One connection, until it is lost. Returns whether it got connected at all."""
+    async def _session(self) -> float:
+        """One connection, until it is lost. Returns how long it stayed connected (0: never)."""
         loop = asyncio.get_running_loop()
         connected = False
+        connected_at = 0.0
         client = self._make_client()
         try:
             async with client:
                 connected = True
+                connected_at = loop.time()
                 self._client = client
                 self.connected = True
                 self.connects += 1
                 if self.subscriptions:
-                    await client.subscribe(list(self.subscriptions), timeout=self.cfg.timeout)
+                    granted = await client.subscribe(list(self.subscriptions), timeout=self.cfg.timeout)
+                    self._check_granted(granted)
                 if self.status_topic:
                     await client.publish(self.status_topic, b"online", qos=1, retain=True,
                                          timeout=self.cfg.timeout)
@@ -204,7 +210,15 @@ class MqttLink:
             self.connected = False
             self._client = None
             self._drain()
-        return connected
+        return loop.time() - connected_at if connected else 0.0
+
+    def _check_granted(self, granted: Any) -> None:
+        """The broker may refuse a subscription (an ACL): say which, instead of going stale silently."""
+        for (topic, _qos), code in zip(self.subscriptions, granted or ()):
+            value = getattr(code, "value", code)
+            if isinstance(value, int) and value >= 0x80:
+                log.error("mqtt_subscription_refused", topic=topic, reason=str(code),
+                          hint="the broker refused this topic filter: check its ACL for this client's user")
 
     def _log_loss(self, was_connected: bool, exc: BaseException, now: float) -> None:
         broker = f"{self.cfg.host}:{self.cfg.port}"

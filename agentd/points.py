@@ -38,12 +38,6 @@ def agent_point(host: str, ts_ns: int, fields: dict[str, float | int | bool | No
     return Point("agent", {"host": host}, fields, ts_ns)
 
 
-# The coolant measurement's fields, in the order of DESIGN.md section 3 (+ valve_position_pct).
-COOLANT_FIELDS = ("supply_temp_c", "return_temp_c", "delta_temp_c", "flow_lpm", "supply_pressure_kpa",
-                  "return_pressure_kpa", "delta_pressure_kpa", "pump_speed_pct", "valve_position_pct",
-                  "leak", "quality")
-
-
 def coolant_point(reading: Reading, ts_ns: int, extra: dict[str, float] | None = None) -> Point:
     """The ``coolant`` measurement for one reading: tags site/loop/unit/point, the canonical
     fields it carries (numbers as floats, ``leak`` a string). ``ts_ns`` is the sender's time when
@@ -59,12 +53,18 @@ def coolant_point(reading: Reading, ts_ns: int, extra: dict[str, float] | None =
 
 def throttle_event_point(host: str, ts_ns: int, *, rule: str, severity: str, state: str, action: str,
                          gpu: int | None, value: float | None, limit_w: float | None, message: str) -> Point:
-    """The ``throttle_event`` measurement: one rule transition (pending / firing / resolved).
+    """The ``throttle_event`` measurement: one rule transition (pending / firing / resolved /
+    inactive, the last for a pending rule whose condition went away before it fired).
 
+    ``gpu`` is a tag (absent for node rules): one rule changes state on several GPUs in the same
+    tick, and as a field those points would share series and timestamp and overwrite each other.
     ``value`` is numeric only (a string such as a leak state goes into ``message``), so the
     field keeps one type on every server.
     """
     numeric = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    return Point("throttle_event", {"host": host, "rule": rule, "severity": severity},
-                 {"state": state, "action": action, "gpu": gpu, "value": numeric, "limit_w": limit_w,
-                  "message": message}, ts_ns)
+    tags = {"host": host, "rule": rule, "severity": severity}
+    if gpu is not None:
+        tags["gpu"] = str(gpu)
+    return Point("throttle_event", tags,
+                 {"state": state, "action": action, "value": numeric, "limit_w": limit_w, "message": message},
+                 ts_ns)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 
 import structlog
 
@@ -40,3 +42,10 @@ async def serve(cfg: AgentConfig) -> None:
     log.info("started", interval_s=cfg.interval, state_dir=str(cfg.state_dir),
              influx=cfg.influx.url or "none (local store only)")
     await daemon.run(stop)
+    if daemon.nvml_busy:
+        # A thread stuck in the driver would keep the process from exiting (Python joins its
+        # worker threads); everything else is closed, so leave now and let ExecStopPost's
+        # restore-limits run once the driver answers.
+        log.error("exiting_with_nvml_hung")
+        sys.stdout.flush()
+        os._exit(1)

@@ -125,6 +125,7 @@ class Ramp:
     rise_w_per_s: float = 25.0
     hold_s: float = 30.0
     jitter: float = 0.2
+    max_step_s: float | None = None  # the most time one step may account for (the daemon: 2 ticks)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     _last_now: float | None = None
     _gpus: dict[int, _RampGpu] = field(default_factory=dict)
@@ -142,7 +143,11 @@ class Ramp:
         """The limits to apply now. ``current_applied`` is what each GPU holds (what we applied
         last, or the read-back limit at start); a GPU missing there takes its target at once.
         With ``bounds`` the result is clamped to each GPU's [min_w, max_w] as a last guard."""
+        # A gap between steps (NVML hung, the daemon paused) must not turn into one big jump:
+        # the ramp resumes from where it was, at its rate.
         dt = 0.0 if self._last_now is None else max(0.0, now - self._last_now)
+        if self.max_step_s is not None:
+            dt = min(dt, self.max_step_s)
         self._last_now = now
         out: dict[int, float] = {}
         for i, target in targets.items():

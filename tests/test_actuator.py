@@ -145,3 +145,28 @@ def test_restore_limits_command_repairs_a_crashed_run(tmp_path):
         assert [g.limit_mw for g in fake.gpus] == [700_000, 700_000]
         again = CliRunner().invoke(main, ["restore-limits", "--config", str(config)], env={})
     assert again.exit_code == 0 and "nothing to restore" in again.output
+
+
+def test_an_operator_limit_is_not_raised_but_can_be_lowered(tmp_path):
+    fake, backend = node(1, limit_mw=700_000)
+    act = Actuator(backend, tmp_path)
+    act.apply({0: 700.0}, tick(backend))
+    fake.gpus[0].limit_mw = 400_000  # nvidia-smi -pl 400 by a person
+    act.apply({0: 700.0}, tick(backend))  # uncapped target above it
+    assert fake.gpus[0].sets == [] and act.controls[0].externally_limited
+    act.apply({0: 300.0}, tick(backend))  # protection still lowers it
+    assert fake.gpus[0].sets == [300_000]
+
+
+def test_a_refused_write_leaves_nothing_to_restore(tmp_path):
+    fake, backend = node(1, no_permission_on_set=True)
+    act = Actuator(backend, tmp_path)
+    act.apply({0: 400.0}, tick(backend))
+    assert not (tmp_path / ORIGINALS_FILE).exists()  # no false "unclean stop" at the next start
+
+
+def test_an_unwritable_state_dir_means_no_write(tmp_path):
+    fake, backend = node(1)
+    act = Actuator(backend, tmp_path / "missing" / "dir")
+    act.apply({0: 400.0}, tick(backend))
+    assert fake.gpus[0].sets == [] and "cannot persist" in act.controls[0].error

@@ -136,3 +136,49 @@ def test_unusable_state_dir_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError) as err:
         open_store(make_cfg(not_a_dir / "sub"))
     assert str(not_a_dir / "sub") in str(err.value)
+
+
+async def test_a_failing_store_is_counted_and_protection_keeps_acting(tmp_path):
+    """Disk full: telemetry cannot be kept, but the rules still cap the GPUs and stop restores."""
+    from agentd.store import StoreError
+
+    cfg = make_cfg(tmp_path, sim={"gpus": 2, "coolant_supply_c": 60.0})
+    backend = SimBackend(gpus=2, coolant_supply_c=60.0)  # hot water: the GPUs run into slowdown
+    daemon = Daemon(cfg, backend, open_store(cfg), clock=FakeClock())
+    await daemon.start()
+
+    def full(lines):
+        raise StoreError(f"store {daemon.store.path}: append failed: database or disk is full")
+
+    daemon.store.append = full
+    await daemon.run(asyncio.Event(), max_ticks=300)
+    assert daemon.stats.store_errors == 300 and daemon.stats.ticks == 300
+    assert backend.writes and min(w for _, w in backend.writes) < 700  # capped
+    assert backend.limits_w() == {0: 700.0, 1: 700.0}  # restored at stop
+
+
+async def test_rule_transitions_on_several_gpus_in_one_tick_are_distinct_points(tmp_path):
+    cfg = make_cfg(tmp_path, sim={"gpus": 4, "coolant_supply_c": 60.0})
+    daemon = await run_ticks(cfg, SimBackend(gpus=4, coolant_supply_c=60.0), 200)
+    store = open_store(cfg)
+    events = store.query(measurement="throttle_event")
+    store.close()
+    pending = [e for e in events if "rule=gpu_near_slowdown" in e and 'state="pending"' in e]
+    series = {e.split(" ")[0] for e in pending}
+    assert len(pending) == 4 and len(series) == 4  # one per GPU, tagged gpu=0..3
+
+
+def test_a_bad_site_rule_file_stops_agentd_run_with_a_located_error(tmp_path):
+    from click.testing import CliRunner
+
+    from agentd.cli import main
+
+    rules_d = tmp_path / "rules.d"
+    rules_d.mkdir()
+    (rules_d / "site.yaml").write_text(
+        "rules:\n  - name: hot\n    scope: gpu\n    when: gpu.tmp_c > 80\n    actions: [{type: event}]\n")
+    config = tmp_path / "agentd.toml"
+    config.write_text(f'backend = "sim"\nstate_dir = "{tmp_path}"\n[rules]\ndirs = ["{rules_d}"]\n')
+    result = CliRunner().invoke(main, ["run", "--config", str(config)], env={})
+    assert result.exit_code == 2
+    assert "site.yaml" in result.output and "unknown signal 'gpu.tmp_c'" in result.output

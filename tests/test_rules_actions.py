@@ -101,3 +101,12 @@ def test_compose_and_ramp_never_leave_min_max(limits, steps, rise, jitter, hold,
             if targets[i] < applied[i]:
                 assert a == targets[i]
         applied = new
+
+
+def test_a_long_gap_between_steps_does_not_jump_the_ramp():
+    from rules.actions import Ramp
+
+    ramp = Ramp(rise_w_per_s=25.0, hold_s=0.0, jitter=0.0, max_step_s=2.0)
+    ramp.step(0.0, {0: 300.0}, {0: 300.0})
+    out = ramp.step(60.0, {0: 700.0}, {0: 300.0})  # a minute with no step (NVML hung)
+    assert out[0] == 300.0 + 25.0 * 2.0
