@@ -64,11 +64,19 @@ class Actuator:
     # -- targets -> writes ---------------------------------------------------------------------
 
     def apply(self, targets_w: Mapping[int, float], samples: Mapping[int, GpuSample]) -> dict[int, GpuControl]:
-        """Bring each GPU's limit to its target (``None``/absent: leave it alone).
+        """Bring each GPU's limit to its target (``None``/absent: leave it alone)."""
+        self.write(self.plan(targets_w, samples))
+        return self.controls
+
+    def plan(self, targets_w: Mapping[int, float],
+             samples: Mapping[int, GpuSample]) -> list[tuple[int, GpuSample, float]]:
+        """Decide, without touching NVML, which GPUs need a write: ``(index, sample, watts)``.
 
         ``samples`` are this tick's readings: the enforced and management limits are read every
-        tick, so a limiter outside the daemon is seen before we write, not after.
+        tick, so a limiter outside the daemon is seen before we write, not after. The daemon
+        plans on the event loop and goes to the NVML thread only when there is something to write.
         """
+        writes: list[tuple[int, GpuSample, float]] = []
         for index, sample in samples.items():
             control = self.controls.setdefault(index, GpuControl(observe_only=self.dry_run))
             target = targets_w.get(index)
@@ -94,8 +102,13 @@ class Actuator:
                 # BMC power brake): raising it would fight them. Lowering is always allowed.
                 control.externally_limited = True
                 continue
-            self._write(index, sample, target, control)
-        return self.controls
+            writes.append((index, sample, target))
+        return writes
+
+    def write(self, writes: list[tuple[int, GpuSample, float]]) -> None:
+        """Carry out a plan (on the NVML thread): persist originals, write, handle refusals."""
+        for index, sample, target in writes:
+            self._write(index, sample, target, self.controls[index])
 
     def _write(self, index: int, sample: GpuSample, target: float, control: GpuControl) -> None:
         try:

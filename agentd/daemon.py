@@ -194,7 +194,9 @@ class Daemon:
             return
         self.last_step = step
         try:
-            await self._on_nvml_thread(self.cfg.nvml_timeout, self.actuator.apply, step.limits_w, samples)
+            writes = self.actuator.plan(step.limits_w, samples)
+            if writes:  # a steady node makes no trip to the NVML thread
+                await self._on_nvml_thread(self.cfg.nvml_timeout, self.actuator.write, writes)
         except asyncio.TimeoutError:
             self.stats.nvml_errors += 1
             log.error("limit_write_timeout", timeout_s=self.cfg.nvml_timeout, targets_w=step.limits_w,
