@@ -42,6 +42,17 @@ def check_config(path: Path | None) -> None:
     Exits 2 when invalid, 0 when valid (secrets are masked in the output).
     """
     cfg = _load_or_exit(path)
+    if cfg.rules.enabled:  # the rule files and rules.params are part of the configuration
+        from agentd.control import load_rules
+        from rules.engine import Engine
+        from rules.model import RuleLoadError
+
+        try:
+            Engine(load_rules(cfg.rules.dirs, cfg.rules.builtin_packs), cfg.rules.params)
+        except RuleLoadError as exc:
+            for line in exc.errors:
+                click.echo(line, err=True)
+            sys.exit(2)
     click.echo(effective_config_text(cfg), nl=False)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,15 @@ from agentd.points import agent_point, gpu_point, throttle_event_point
 from agentd.store import Store, StoreError
 from collectors.base import BackendError, GpuBackend, GpuInfo, GpuSample
 from collectors.coolant import CoolantState
+from rules.engine import Event
 
 log = structlog.get_logger("agentd")
 
 STORE_FILE = "store.sqlite"
 BOUNDS_EVERY_S = 60.0  # how often size cap / retention are enforced (not a per-tick cost)
 FLUSH_ON_STOP_S = 5.0
-MQTT_STOP_S = 3.0  # bound on saying "offline" and disconnecting at shutdown
+MQTT_STOP_S = 3.0
+RECENT_EVENTS = 1000  # bound on saying "offline" and disconnecting at shutdown
 
 
 @dataclass(slots=True)
@@ -132,6 +135,8 @@ class Daemon:
         self.controller = make_controller(cfg, coolant_fed=coolant_fed)
         self.actuator = Actuator(backend, Path(cfg.state_dir), dry_run=cfg.dry_run)
         self.last_step: ControlStep | None = None
+        # Recent rule transitions, newest last, for the API (GET /v1/events?since=) and the demo.
+        self.recent_events: deque[Event] = deque(maxlen=RECENT_EVENTS)
         # One worker: NVML calls are serialised, and a hung call blocks only this thread.
         self._nvml = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
         self._inflight: concurrent.futures.Future | None = None
@@ -204,6 +209,7 @@ class Daemon:
         except Exception as exc:
             log.error("limit_apply_failed", error=repr(exc), targets_w=step.limits_w)
         engine = self.controller.engine  # type: ignore[union-attr]
+        self.recent_events.extend(step.evaluation.events)
         for ev in step.evaluation.events:
             actions = ",".join(a.type for a in engine.rule(ev.rule).actions)
             limit = self.actuator.controls[ev.gpu].set_w if ev.gpu in self.actuator.controls else None

@@ -102,3 +102,19 @@ def test_check_config_cli(tmp_path):
     result = runner.invoke(main, ["check-config", str(bad)], env={})
     assert result.exit_code == 2
     assert f"{bad}: interval:" in result.output and f"{bad}: store.max_bytes:" in result.output
+
+
+def test_check_config_also_checks_the_rules_and_their_params(tmp_path):
+    bad = write(tmp_path, "[rules]\nparams = { tcs_supply_max = 43 }\n")
+    result = CliRunner().invoke(main, ["check-config", str(bad)], env={})
+    assert result.exit_code == 2 and "params.tcs_supply_max" in result.output
+    good = write(tmp_path, "[rules]\nparams = { tcs_supply_max_c = 43 }\n")
+    assert CliRunner().invoke(main, ["check-config", str(good)], env={}).exit_code == 0
+
+
+def test_the_shipped_example_config_is_valid(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "systemd" / "agentd.toml"
+    result = CliRunner().invoke(main, ["check-config", str(example)], env={})
+    assert result.exit_code == 0, result.output

@@ -105,4 +105,6 @@ async def test_rule_transitions_are_stored_as_throttle_events(tmp_path, seed):
     events = run.daemon.store.query(measurement="throttle_event")
     firing = [e for e in events if 'state="firing"' in e and "rule=leak_critical" in e]
     assert len(firing) == 1 and 'action="advise,cap_gpu"' in firing[0]
+    kept = [e for e in run.daemon.recent_events if e.rule == "leak_critical"]
+    assert [e.to_state for e in kept] == ["firing"]  # kept for the API too (clears after 10 min)
     await run.daemon.shutdown()
