@@ -135,7 +135,23 @@ def classify(status: int, text: str, retry_after: str | None = None) -> None:
     raise WriteFailed(f"unexpected HTTP {status}: {text}", status=status)
 
 
-class V1Writer:
+class _BodyWriter:
+    """What both writers share: the body is UTF-8 and (optionally) gzip, then ``send``."""
+
+    gzip: bool
+
+    def encode_body(self, body: str) -> bytes:
+        data = body.encode("utf-8")
+        return gzip_body(data) if self.gzip else data
+
+    async def write(self, body: str) -> None:
+        await self.send(await _encode_off_loop(self, body))
+
+    async def send(self, payload: bytes) -> None:
+        raise NotImplementedError
+
+
+class V1Writer(_BodyWriter):
     """InfluxDB 1.x ``/write`` (database + retention policy, optional basic auth)."""
 
     def __init__(self, url: str, database: str, *, retention_policy: str = "", username: str = "",
@@ -148,13 +164,6 @@ class V1Writer:
         self.gzip = gzip
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
-
-    def encode_body(self, body: str) -> bytes:
-        data = body.encode("utf-8")
-        return gzip_body(data) if self.gzip else data
-
-    async def write(self, body: str) -> None:
-        await self.send(await _encode_off_loop(self, body))
 
     async def send(self, payload: bytes) -> None:
         headers = {"Content-Type": "text/plain; charset=utf-8"}
@@ -179,7 +188,7 @@ class V1Writer:
             self._session = None
 
 
-class V2Writer:
+class V2Writer(_BodyWriter):
     """``/api/v2/write`` through influxdb-client's async API (InfluxDB 2.x/3.x, 1.8+, VictoriaMetrics).
 
     ``influxdb_client`` is imported on first use, so a daemon without InfluxDB never loads it.
@@ -209,13 +218,6 @@ class V2Writer:
                                                timeout=self.timeout_ms, enable_gzip=False)
             self._service = WriteService(self._client.api_client)
 
-    def encode_body(self, body: str) -> bytes:
-        data = body.encode("utf-8")
-        return gzip_body(data) if self.gzip else data
-
-    async def write(self, body: str) -> None:
-        await self.send(await _encode_off_loop(self, body))
-
     async def send(self, payload: bytes) -> None:
         self.open()
         from influxdb_client.rest import ApiException
@@ -243,7 +245,7 @@ class V2Writer:
 _OFF_LOOP_BYTES = 256 * 1024
 
 
-async def _encode_off_loop(writer: "V1Writer | V2Writer", body: str) -> bytes:
+async def _encode_off_loop(writer: _BodyWriter, body: str) -> bytes:
     """Compress large bodies in a worker thread (zlib releases the GIL) so the loop keeps ticking."""
     if writer.gzip and len(body) >= _OFF_LOOP_BYTES:
         return await asyncio.to_thread(writer.encode_body, body)

@@ -240,6 +240,37 @@ class Sig(Node):
         return {self.signal.name}
 
 
+def _lift2(lf: Fn, rf: Fn, op: Callable[[Any, Any], Any]) -> Fn:
+    """``op(left, right)`` as a closure, None when either side is unknown; specialised when one
+    side is a constant, since most rule expressions compare a signal with a number."""
+    if isinstance(rf, _Const):
+        c = rf.value
+        if c is None:
+            return _Const(None)
+
+        def f(g, n, w):
+            a = lf(g, n, w)
+            return None if a is None else op(a, c)
+        return f
+    if isinstance(lf, _Const):
+        c = lf.value
+        if c is None:
+            return _Const(None)
+
+        def f(g, n, w):
+            b = rf(g, n, w)
+            return None if b is None else op(c, b)
+        return f
+
+    def f(g, n, w):
+        a = lf(g, n, w)
+        if a is None:
+            return None
+        b = rf(g, n, w)
+        return None if b is None else op(a, b)
+    return f
+
+
 def _arith(op: str) -> Callable[[Any, Any], Any]:
     if op == "/":
         return lambda a, b: None if b == 0 else a / b
@@ -271,28 +302,7 @@ class BinOp(Node):
                 return f
             if self.op == "/" and c == 0:
                 return _Const(None)
-
-            def f(g, n, w):
-                a = lf(g, n, w)
-                return None if a is None else fop(a, c)
-            return f
-        if isinstance(lf, _Const):
-            c = lf.value
-            if c is None:
-                return _Const(None)
-
-            def f(g, n, w):
-                b = rf(g, n, w)
-                return None if b is None else fop(c, b)
-            return f
-
-        def f(g, n, w):
-            a = lf(g, n, w)
-            if a is None:
-                return None
-            b = rf(g, n, w)
-            return None if b is None else fop(a, b)
-        return f
+        return _lift2(lf, rf, fop)
 
     def signals(self):
         return self.left.signals() | self.right.signals()
@@ -334,34 +344,7 @@ class Compare(Node):
                 return _Const(None)
             return _Const(all(c(a, b) for c, a, b in zip(cmps, vals, vals[1:])))
         if len(cmps) == 1:
-            cmp = cmps[0]
-            lf, rf = fns
-            if isinstance(rf, _Const):
-                c = rf.value
-                if c is None:
-                    return _Const(None)
-
-                def f(g, n, w):
-                    a = lf(g, n, w)
-                    return None if a is None else cmp(a, c)
-                return f
-            if isinstance(lf, _Const):
-                c = lf.value
-                if c is None:
-                    return _Const(None)
-
-                def f(g, n, w):
-                    b = rf(g, n, w)
-                    return None if b is None else cmp(c, b)
-                return f
-
-            def f(g, n, w):
-                a = lf(g, n, w)
-                if a is None:
-                    return None
-                b = rf(g, n, w)
-                return None if b is None else cmp(a, b)
-            return f
+            return _lift2(fns[0], fns[1], cmps[0])
         getters = [(lambda g, n, w, v=x.value: v) if isinstance(x, _Const) else x for x in fns]
         pairs = list(zip(cmps, range(len(cmps))))
 
