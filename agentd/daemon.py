@@ -4,8 +4,10 @@ Every ``interval`` the GPU backend is sampled off the event loop (NVML calls blo
 the readings go into the node state and, in the same tick, into the local store; the forwarder
 ships the store to InfluxDB on its own task. Coolant readings arrive over MQTT on their own task
 (``agentd.mqtt``), update ``NodeState.coolant`` as they come, and wait for the next tick's store
-append, so one commit per tick holds everything; a lost broker never delays a tick. The systemd watchdog is fed only after a completed
-tick, so a wedged daemon is restarted rather than trusted.
+append, so one commit per tick holds everything; a lost broker never delays a tick. The rules
+run in the tick on what it read, and the actuator writes limits on the NVML thread. The systemd
+watchdog is fed only after a tick that read the GPUs, so a wedged daemon is restarted rather
+than trusted.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ log = structlog.get_logger("agentd")
 STORE_FILE = "store.sqlite"
 BOUNDS_EVERY_S = 60.0  # how often size cap / retention are enforced (not a per-tick cost)
 FLUSH_ON_STOP_S = 5.0
-MQTT_STOP_S = 3.0
-RECENT_EVENTS = 1000  # bound on saying "offline" and disconnecting at shutdown
+MQTT_STOP_S = 3.0  # bound on saying "offline" and disconnecting at shutdown
+RECENT_EVENTS = 1000
 
 
 @dataclass(slots=True)
@@ -118,8 +120,7 @@ class Daemon:
     """One node's agent. ``run`` is the daemon; ``tick`` is one step, callable from tests."""
 
     def __init__(self, cfg: AgentConfig, backend: GpuBackend, store: Store, *,
-                 forwarder: Any | None = None, clock: Clock | None = None,
-                 coolant_fed: bool | None = None) -> None:
+                 forwarder: Any | None = None, clock: Clock | None = None) -> None:
         self.cfg = cfg
         self.backend = backend
         self.store = store
@@ -130,9 +131,7 @@ class Daemon:
         self.state = NodeState(coolant=self.coolant.state)
         self.stats = TickStats()
         self.mqtt = make_mqtt_link(cfg, self.coolant)
-        if coolant_fed is None:
-            coolant_fed = bool(cfg.coolant.subscriptions)
-        self.controller = make_controller(cfg, coolant_fed=coolant_fed)
+        self.controller = make_controller(cfg, coolant_fed=bool(cfg.coolant.subscriptions))
         self.actuator = Actuator(backend, Path(cfg.state_dir), dry_run=cfg.dry_run)
         self.last_step: ControlStep | None = None
         # Recent rule transitions, newest last, for the API (GET /v1/events?since=) and the demo.
