@@ -141,6 +141,11 @@ class Actuator:
 
     # -- originals: persist before the first write, restore on stop ---------------------------------
 
+    @property
+    def holds_originals(self) -> bool:
+        """True while some GPU has a persisted original limit not yet restored."""
+        return bool(self._originals)
+
     def load_originals(self) -> dict[str, dict]:
         """The persisted originals (empty when none): what a crashed run left to restore."""
         try:

@@ -298,6 +298,7 @@ class Daemon:
             "store_backlog": self.store.backlog(),
             "store_bytes": self.store.size_bytes(),
             "dropped": self.store.dropped,
+            "quarantined": self.store.quarantined_count,
             "write_errors": fw.write_errors if fw is not None else 0,
             "nvml_errors": self.stats.nvml_errors,
             "store_errors": self.stats.store_errors,
@@ -380,7 +381,7 @@ class Daemon:
         within a bound, release the driver and close the store; each step runs even if an
         earlier one failed."""
         try:
-            if not self.cfg.dry_run and self.actuator.load_originals():
+            if not self.cfg.dry_run and self.actuator.holds_originals:
                 log.info("limits_restored", outcome=await self._restore_limits())
         except Exception as exc:
             log.error("limits_restore_failed", error=repr(exc), hint="run `agentd restore-limits`")

@@ -230,18 +230,6 @@ class Store:
         cur.close()
         return (pages - free) * self._page_size
 
-    def file_bytes(self) -> int:
-        """Bytes on disk (database file plus WAL)."""
-        total = 0
-        for suffix in ("", "-wal"):
-            try:
-                total += os.stat(str(self.path) + suffix).st_size
-            except FileNotFoundError:
-                pass
-        return total
-
-    # -- bounds ----------------------------------------------------------------------------
-
     def enforce_bounds(self, now_ns: int, retention_s: float | None = None) -> int:
         """Apply retention (when given) and the size bound; returns the lines deleted.
 

@@ -35,7 +35,6 @@ Format = Literal["json", "value", "influx"]
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 TAGS = ("site", "loop", "unit", "point")
-LOOPS = ("facility", "tcs")
 LOOP_ALIASES = {"facility": "facility", "fws": "facility", "primary": "facility",
                 "tcs": "tcs", "secondary": "tcs"}
 LEAK_WORDS = ("OK", "Warning", "Critical", "Unavailable", "Absent")  # Redfish LeakDetector states
@@ -781,9 +780,6 @@ class CoolantState:
             for name in sorted(self._series[key]):
                 out.append(self.sensor(key, name, now_mono))  # type: ignore[arg-type]
         return out
-
-    def series_keys(self) -> list[SeriesKey]:
-        return sorted(self._series)
 
     def loop(self, loop: str, now_mono: float, *, site: str | None = None, unit: str | None = None) -> LoopView:
         """The worst case over one loop's sensors (optionally one site / unit)."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from rules.actions import Ceiling, NodeCap
 from rules.expr import GPU_FIELDS, UNMASKABLE, Fn, Window, WindowSpec, bind_node
@@ -54,7 +54,7 @@ def gpu_values(sample: Any) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class Instance:
-    """One rule instance's state. Live object: copy (``Engine.snapshot``) to keep it past a tick."""
+    """One rule instance's state. A live object: it changes at the next ``evaluate``."""
 
     rule: str
     gpu: int | None
@@ -70,10 +70,6 @@ class Instance:
     @property
     def key(self) -> tuple[str, int | None]:
         return (self.rule, self.gpu)
-
-    def copy(self) -> "Instance":
-        return Instance(self.rule, self.gpu, self.severity, self.state, self.since, self.value,
-                        self.clearing_since, self.stale)
 
 
 @dataclass(slots=True, frozen=True)
@@ -356,19 +352,5 @@ class Engine:
     def states(self) -> Mapping[tuple[str, int | None], Instance]:
         return self._states_view
 
-    def snapshot(self) -> dict[tuple[str, int | None], Instance]:
-        """Copies of every instance (for the API's immutable snapshot)."""
-        return {k: v.copy() for k, v in self._states.items()}
-
     def rule(self, name: str) -> Rule:
         return self._by_name[name].rule
-
-    def forget_gpu(self, gpu: int) -> None:
-        """Drop a GPU's instances (it left the node); no events."""
-        for cr in self._rules:
-            if cr.instances.pop(gpu, None) is not None:
-                self._states.pop((cr.name, gpu), None)
-                self._firing.pop((cr.name, gpu), None)
-
-
-RuleFilter = Callable[[Rule], bool]

@@ -662,25 +662,22 @@ class _Parser:
                 raise ExprError(f"{lit.value!r} is never a value of {sig.signal.name} (one of "
                                 f"{', '.join(sig.signal.values)})", lit.col)
 
-    def sum_(self) -> Node:
-        node = self.term()
-        while self.tok.kind == "op" and self.tok.text in ("+", "-"):
+    def _arith_level(self, ops: tuple[str, ...], operand: Callable[[], Node]) -> Node:
+        """A left-associative chain of ``ops`` over numeric operands parsed by ``operand``."""
+        node = operand()
+        while self.tok.kind == "op" and self.tok.text in ops:
             op_tok = self.next()
-            right = self.term()
+            right = operand()
             self._need(node, NUMBER, f"{op_tok.text!r}")
             self._need(right, NUMBER, f"{op_tok.text!r}")
             node = BinOp(NUMBER, node.col, op_tok.text, node, right)
         return node
 
+    def sum_(self) -> Node:
+        return self._arith_level(("+", "-"), self.term)
+
     def term(self) -> Node:
-        node = self.unary()
-        while self.tok.kind == "op" and self.tok.text in ("*", "/"):
-            op_tok = self.next()
-            right = self.unary()
-            self._need(node, NUMBER, f"{op_tok.text!r}")
-            self._need(right, NUMBER, f"{op_tok.text!r}")
-            node = BinOp(NUMBER, node.col, op_tok.text, node, right)
-        return node
+        return self._arith_level(("*", "/"), self.unary)
 
     def unary(self) -> Node:
         t = self.tok
@@ -695,7 +692,7 @@ class _Parser:
                             node.col)
         return node
 
-    def atom(self, allow_duration: bool = False) -> Node:
+    def atom(self) -> Node:
         t = self.next()
         if t.kind == "num":
             return Lit(NUMBER, t.col, float(t.text))

@@ -159,7 +159,7 @@ async def test_a_failing_store_is_counted_and_protection_keeps_acting(tmp_path):
 
 async def test_rule_transitions_on_several_gpus_in_one_tick_are_distinct_points(tmp_path):
     cfg = make_cfg(tmp_path, sim={"gpus": 4, "coolant_supply_c": 60.0})
-    daemon = await run_ticks(cfg, SimBackend(gpus=4, coolant_supply_c=60.0), 200)
+    await run_ticks(cfg, SimBackend(gpus=4, coolant_supply_c=60.0), 200)
     store = open_store(cfg)
     events = store.query(measurement="throttle_event")
     store.close()
