@@ -129,11 +129,16 @@ def probe(as_json: bool) -> None:
 
 @main.command("restore-limits")
 @_CONFIG_OPTION
-def restore_limits(config_path: Path | None) -> None:
-    """Put every GPU back to the power limit it had before agentd took it over.
+@click.option("--forget", "forget", multiple=True, metavar="UUID",
+              help="drop the record of a GPU that is no longer in this node (a swapped board) and write "
+                   "nothing; repeatable")
+def restore_limits(config_path: Path | None, forget: tuple[str, ...]) -> None:
+    """Put every GPU back to its baseline: the power limit its operator gave it.
 
-    For ExecStopPost and after a crash: reads original_limits.json in the state directory,
-    writes each original back (by GPU UUID), forgets those restored. Exits 1 when any failed.
+    For ExecStopPost and after a crash: reads original_limits.json in the state directory and
+    writes each baseline back to the GPU with the same UUID (never to another board that took its
+    index), then forgets it. A record whose GPU is absent is kept and reported (dropped after 7 days
+    absent, or with --forget). Exits 1 when a write failed.
     """
     from agentd.actuator import Actuator
     from agentd.daemon import make_backend
@@ -141,11 +146,26 @@ def restore_limits(config_path: Path | None) -> None:
 
     cfg = _load_or_exit(config_path)
     backend = make_backend(cfg)
+    actuator = Actuator(backend, cfg.state_dir, dry_run=False)
     try:
-        actuator = Actuator(backend, cfg.state_dir, dry_run=False)
-        if not actuator.load_originals():
-            click.echo(f"agentd restore-limits: nothing to restore ({actuator.originals_path} absent)")
-            return
+        records = actuator.load_originals()
+    except OSError as exc:
+        click.echo(f"agentd restore-limits: {exc}", err=True)
+        sys.exit(1)
+    if forget:
+        unknown = [u for u in forget if u not in records]
+        if unknown:
+            click.echo(f"agentd restore-limits: no record for {', '.join(unknown)} in {actuator.originals_path} "
+                       f"(records: {', '.join(sorted(records)) or 'none'})", err=True)
+            sys.exit(2)
+        for uuid in forget:
+            actuator.forget(uuid)
+            click.echo(f"forgot {uuid} (its {records.get(uuid, {}).get('limit_w', '?')} W baseline is not written)")
+        return
+    if not records:
+        click.echo(f"agentd restore-limits: nothing to restore ({actuator.originals_path} absent)")
+        return
+    try:
         infos = backend.open()
         outcome = actuator.restore({i.uuid: i.index for i in infos if i.uuid})
     except (BackendError, OSError) as exc:
@@ -155,6 +175,8 @@ def restore_limits(config_path: Path | None) -> None:
         backend.close()
     for uuid, result in sorted(outcome.items()):
         click.echo(f"{uuid}: {result}")
+        if result.startswith("kept"):
+            click.echo(f"  (if that board left this node: agentd restore-limits --forget {uuid})")
     if any(result.startswith("failed") for result in outcome.values()):
         sys.exit(1)
 

@@ -5,8 +5,9 @@ signals; the result (per-GPU limits to apply, rule transitions, advice) goes to 
 the NVML thread, to the store as ``throttle_event`` points and to the logs. All of it runs on the
 injected clock, so closed-loop tests run minutes of simulated time in milliseconds.
 
-"Uncapped" means the limit each GPU had when the daemon first saw it (the operator's setting, or
-the driver default), not the device maximum: releasing a cap returns a GPU to where it was.
+"Uncapped" means each GPU's baseline, which the actuator tracks: the limit the GPU had when the
+daemon first saw it, then any limit set outside the daemon (an operator, a GPU reset). Releasing a
+cap returns a GPU to it, and a GPU nothing asks a cap for keeps it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from collectors.base import GpuSample
 from collectors.coolant import LEAK_RANK
-from rules.actions import GpuLimits, Ramp, compose
+from rules.actions import GpuLimits, Ramp, compose_with_sources
 from rules.engine import Engine, Evaluation, gpu_values
 from rules.expr import COOLANT_FIELDS, COOLANT_LOOPS
 from rules.model import RuleSet, default_pack_paths, load_rule_files
@@ -41,6 +42,7 @@ class ControlStep:
 
     evaluation: Evaluation
     limits_w: dict[int, float]  # to apply now (after the ramp), per GPU index
+    sources: dict[int, str] = field(default_factory=dict)  # the proposal binding each GPU's target
 
 
 @dataclass
@@ -49,8 +51,8 @@ class Controller:
 
     engine: Engine
     ramp: Ramp
-    uncapped_w: dict[int, float] = field(default_factory=dict)
-    applied_w: dict[int, float] = field(default_factory=dict)
+    applied_w: dict[int, float] = field(default_factory=dict)  # the ramp's position per GPU
+    _baselines_w: dict[int, float] = field(default_factory=dict)  # as seen at the last step
 
     @classmethod
     def build(cls, rule_set: RuleSet, params: Mapping[str, Any] | None = None, *,
@@ -62,8 +64,14 @@ class Controller:
                                                   rng=random.Random(seed), max_step_s=2 * interval_s))
 
     def step(self, now: float, samples: Mapping[int, GpuSample], node_signals: Mapping[str, Any],
-             stale: frozenset[str] = frozenset()) -> ControlStep:
-        """Evaluate the rules on this tick's readings and return the limits to apply."""
+             stale: frozenset[str] = frozenset(),
+             baselines_w: Mapping[int, float] | None = None) -> ControlStep:
+        """Evaluate the rules on this tick's readings and return the limits to apply.
+
+        ``baselines_w`` (from ``Actuator.observe``) is each GPU's uncapped limit; a GPU without
+        one (its limit unreadable) gets no target. When a baseline moves (changed outside the
+        daemon), the ramp restarts from it: what the GPU holds now is the operator's, not ours.
+        """
         gpus = {i: gpu_values(s) for i, s in samples.items()}
         node = dict(node_signals)
         node["node.gpu_power_w"] = sum(s.power_w for s in samples.values() if s.healthy and s.power_w is not None)
@@ -71,17 +79,18 @@ class Controller:
         evaluation = self.engine.evaluate(now, node, gpus, stale)
         bounds: dict[int, GpuLimits] = {}
         for i, s in samples.items():
-            if not s.healthy or s.limit_min_w is None or s.limit_max_w is None:
+            baseline = (baselines_w or {}).get(i)
+            if not s.healthy or s.limit_min_w is None or s.limit_max_w is None or baseline is None:
                 continue
-            if i not in self.uncapped_w:
-                first = s.limit_current_w if s.limit_current_w is not None else s.limit_w
-                self.uncapped_w[i] = first if first is not None else s.limit_max_w
-                self.applied_w[i] = self.uncapped_w[i]
-            bounds[i] = GpuLimits(s.limit_min_w, s.limit_max_w, self.uncapped_w[i])
-        targets = compose(evaluation.ceilings, bounds, evaluation.node_caps)
-        limits = self.ramp.step(now, targets, self.applied_w, bounds)
+            if self._baselines_w.get(i) != baseline:
+                self._baselines_w[i] = baseline
+                self.applied_w[i] = baseline
+            bounds[i] = GpuLimits(s.limit_min_w, s.limit_max_w, baseline)
+        targets = compose_with_sources(evaluation.ceilings, bounds, evaluation.node_caps)
+        limits = self.ramp.step(now, {i: t.watts for i, t in targets.items()}, self.applied_w, bounds)
         self.applied_w.update(limits)
-        return ControlStep(evaluation, limits)
+        sources = {i: ("ramp" if limits[i] < t.watts - 1e-9 else t.source) for i, t in targets.items()}
+        return ControlStep(evaluation, limits, sources)
 
 
 def coolant_signals(coolant: Any, now_mono: float) -> tuple[dict[str, Any], frozenset[str]]:

@@ -30,6 +30,7 @@ from agentd.coolant_ingest import CoolantIngest
 from agentd.lineproto import encode
 from agentd.points import agent_point, gpu_point, throttle_event_point
 from agentd.store import Store, StoreError
+from agentd.worker import SerialWorker
 from collectors.base import BackendError, GpuBackend, GpuInfo, GpuSample
 from collectors.coolant import CoolantState
 from rules.engine import Event
@@ -37,7 +38,9 @@ from rules.engine import Event
 log = structlog.get_logger("agentd")
 
 STORE_FILE = "store.sqlite"
-BOUNDS_EVERY_S = 60.0  # how often size cap / retention are enforced (not a per-tick cost)
+# Store deletes one tick may make (retention + size bound; ~2 us a row, so ~2-3 ms at most),
+# raised to twice the tick's own lines so the store converges whatever the ingest.
+BOUNDS_ROWS_PER_TICK = 1000
 FLUSH_ON_STOP_S = 5.0
 MQTT_STOP_S = 3.0  # bound on saying "offline" and disconnecting at shutdown
 RECENT_EVENTS = 1000
@@ -62,6 +65,7 @@ class TickStats:
     ticks_missed: int = 0
     nvml_errors: int = 0
     store_errors: int = 0
+    rule_errors: int = 0  # rule evaluations that raised (each rule is isolated; see rules.engine)
     tick_s: float = 0.0
     tick_lag_s: float = 0.0
 
@@ -132,14 +136,16 @@ class Daemon:
         self.stats = TickStats()
         self.mqtt = make_mqtt_link(cfg, self.coolant)
         self.controller = make_controller(cfg, coolant_fed=bool(cfg.coolant.subscriptions))
-        self.actuator = Actuator(backend, Path(cfg.state_dir), dry_run=cfg.dry_run)
+        self.actuator = Actuator(backend, Path(cfg.state_dir), dry_run=cfg.dry_run,
+                                 monotonic=self.clock.monotonic, wall=lambda: self.clock.wall_ns() / 1e9)
         self.last_step: ControlStep | None = None
         # Recent rule transitions, newest last, for the API (GET /v1/events?since=) and the demo.
         self.recent_events: deque[Event] = deque(maxlen=RECENT_EVENTS)
-        # One worker: NVML calls are serialised, and a hung call blocks only this thread.
-        self._nvml = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+        # One worker: NVML calls are serialised, a hung call blocks only this thread, and it
+        # never keeps the process from exiting (agentd.worker).
+        self._nvml = SerialWorker("nvml")
+        self._rule_errors: dict[str, str] = {}  # unhealthy rule -> the error last logged
         self._inflight: concurrent.futures.Future | None = None
-        self._last_bounds = self.clock.monotonic()
         self._ready_sent = False
         # Retention only applies when the store is the embedded database, not an outage buffer.
         self._retention_s = None if cfg.influx.url else cfg.store.retention_s
@@ -154,11 +160,32 @@ class Daemon:
         self.state.infos = {i.index: i for i in infos}
         log.info("backend_open", backend=self.cfg.backend, gpus=len(infos),
                  models=sorted({i.model for i in infos}), host=self.host, dry_run=self.cfg.dry_run)
-        if self.actuator.load_originals() and not self.cfg.dry_run:
+        if not self.actuator.load_originals():
+            return infos
+        if self.cfg.dry_run:
+            await self._report_left_caps()
+        else:
             # A previous run ended without restoring (crash, kill -9): repair before anything else.
             outcome = await self._restore_limits()
             log.warning("limits_restored_after_unclean_stop", outcome=outcome)
         return infos
+
+    async def _report_left_caps(self) -> None:
+        """Dry run after an unclean stop: the GPUs may still hold the last run's caps, and a dry
+        run writes nothing, so they stay. Say so loudly, GPU by GPU, with the command that helps."""
+        try:
+            samples = await self._on_nvml_thread(self.cfg.nvml_timeout * 5, self.backend.sample,
+                                                 self.clock.wall_ns())
+        except Exception:  # the report must not stop the start; the records alone still say it
+            samples = []
+        by_uuid = {s.uuid: s for s in samples}
+        for uuid, record in sorted(self.actuator.load_originals().items()):
+            sample = by_uuid.get(uuid)
+            log.warning("limits_left_from_last_run", uuid=uuid, gpu=sample.index if sample else None,
+                        holds_w=sample.limit_current_w if sample else None, baseline_w=record["limit_w"],
+                        file=str(self.actuator.originals_path),
+                        hint="dry_run writes nothing, so the last run's caps stay; run `agentd "
+                             "restore-limits` to put the baselines back")
 
     @property
     def nvml_busy(self) -> bool:
@@ -190,15 +217,20 @@ class Daemon:
     async def _control(self, now: float, samples: dict[int, GpuSample], ts_ns: int,
                        lines: list[tuple[int, str]]) -> None:
         """Rules -> targets -> actuator (on the NVML thread), and the rule transitions as events."""
+        controller = self.controller
+        assert controller is not None
         node, stale = coolant_signals(self.state.coolant, now)
+        baselines = self.actuator.observe(samples)
         try:
-            step = self.controller.step(now, samples, node, stale)  # type: ignore[union-attr]
-        except Exception as exc:  # a rules bug must not stop telemetry; the limits stay as they are
-            log.error("rules_failed", error=repr(exc))
+            step = controller.step(now, samples, node, stale, baselines)
+        except Exception as exc:  # a bug outside the rules (each rule is isolated in the engine)
+            self.stats.rule_errors += 1
+            log.error("rules_failed", error=repr(exc), hint="limits stay as they are this tick")
             return
         self.last_step = step
+        self._note_rule_health(step)
         try:
-            writes = self.actuator.plan(step.limits_w, samples)
+            writes = self.actuator.plan(step.limits_w, samples, step.sources)
             if writes:  # a steady node makes no trip to the NVML thread
                 await self._on_nvml_thread(self.cfg.nvml_timeout, self.actuator.write, writes)
         except asyncio.TimeoutError:
@@ -207,17 +239,34 @@ class Daemon:
                       hint="NVML did not return; the writes are retried when it answers")
         except Exception as exc:
             log.error("limit_apply_failed", error=repr(exc), targets_w=step.limits_w)
-        engine = self.controller.engine  # type: ignore[union-attr]
+        engine = controller.engine
         self.recent_events.extend(step.evaluation.events)
+        controls = self.actuator.controls
         for ev in step.evaluation.events:
             actions = ",".join(a.type for a in engine.rule(ev.rule).actions)
-            limit = self.actuator.controls[ev.gpu].set_w if ev.gpu in self.actuator.controls else None
+            control = controls.get(ev.gpu) if ev.gpu is not None else None
             (log.warning if ev.to_state == "firing" else log.info)(
                 "rule_" + ev.to_state, rule=ev.rule, gpu=ev.gpu, severity=ev.severity, value=ev.value,
                 message=ev.message)
             lines.append((ts_ns, encode(throttle_event_point(
                 self.host, ts_ns, rule=ev.rule, severity=ev.severity, state=ev.to_state, action=actions,
-                gpu=ev.gpu, value=ev.value, limit_w=limit, message=ev.message))))
+                gpu=ev.gpu, value=ev.value, limit_w=control.set_w if control else None,
+                limit_target_w=control.target_w if control else None, message=ev.message))))
+
+    def _note_rule_health(self, step: ControlStep) -> None:
+        """Count rule failures; log a rule going unhealthy (or changing error) and recovering once."""
+        errors = step.evaluation.errors
+        self.stats.rule_errors += len(errors)
+        for rule, error in errors:
+            if self._rule_errors.get(rule) != error:
+                self._rule_errors[rule] = error
+                log.error("rule_failed", rule=rule, error=error,
+                          hint="this rule holds its state until it evaluates again; the other rules act")
+        if len(self._rule_errors) > len(errors):  # some rule that failed before did not now
+            failing = {rule for rule, _ in errors}
+            for rule in [r for r in self._rule_errors if r not in failing]:
+                del self._rule_errors[rule]
+                log.info("rule_recovered", rule=rule)
 
     async def _sample(self, ts_ns: int) -> list[GpuSample] | None:
         """Read every GPU off the loop; None when the backend is hung or failed this tick."""
@@ -257,7 +306,8 @@ class Daemon:
         for sample in samples or ():
             if sample.healthy:
                 control = controls.get(sample.index)
-                line = encode(gpu_point(sample, self.host, control.set_w if control is not None else None))
+                line = encode(gpu_point(sample, self.host, control.set_w if control else None,
+                                        control.target_w if control else None))
                 if line is not None:
                     lines.append((sample.ts_ns, line))
         lines.extend(self.coolant.take_lines())
@@ -265,13 +315,12 @@ class Daemon:
         self._store(lines)
         if self.forwarder is not None:
             self.forwarder.wake()
-        if started - self._last_bounds >= BOUNDS_EVERY_S:
-            self._last_bounds = started
-            try:
-                self.store.enforce_bounds(ts_ns, self._retention_s)
-            except StoreError as exc:
-                self.stats.store_errors += 1
-                log.error("store_bounds_failed", error=str(exc))
+        try:  # every tick, a bounded step: bounds hold within a tick and never stall it
+            self.store.enforce_bounds(ts_ns, self._retention_s,
+                                      max_rows=max(BOUNDS_ROWS_PER_TICK, 2 * len(lines)))
+        except StoreError as exc:
+            self.stats.store_errors += 1
+            log.error("store_bounds_failed", error=str(exc))
         self.stats.ticks += 1
         self.stats.tick_s = self.clock.monotonic() - started
         if samples is None:
@@ -302,6 +351,8 @@ class Daemon:
             "write_errors": fw.write_errors if fw is not None else 0,
             "nvml_errors": self.stats.nvml_errors,
             "store_errors": self.stats.store_errors,
+            "limit_write_errors": self.actuator.write_errors,
+            "rule_errors": self.stats.rule_errors,
             **self._mqtt_fields(),
             **self.coolant.agent_fields(),
         }

@@ -26,5 +26,8 @@ def setup_logging(level: str = "info", *, json: bool | None = None, stream=None)
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=True,
+        # Not cached: a cached logger keeps the first configuration for ever, so a later
+        # reconfiguration (a test's capture_logs, a reload changing log_level) would not reach
+        # it. The daemon logs a few lines per tick at most; the lookup is not a cost that matters.
+        cache_logger_on_first_use=False,
     )

@@ -8,8 +8,14 @@ from collectors.coolant import Reading
 from agentd.lineproto import Point
 
 
-def gpu_point(sample: GpuSample, host: str, limit_set_w: float | None = None) -> Point:
-    """The ``gpu`` measurement for one healthy sample. ``limit_set_w`` is the limit we wrote."""
+def gpu_point(sample: GpuSample, host: str, limit_set_w: float | None = None,
+              limit_target_w: float | None = None) -> Point:
+    """The ``gpu`` measurement for one healthy sample.
+
+    ``limit_set_w`` is the limit agentd wrote and the GPU still holds (absent when it holds none:
+    dry run, no permission, nothing asked); ``limit_target_w`` is what agentd intends (the
+    composed, clamped target), written or not.
+    """
     return Point(
         "gpu",
         {"host": host, "gpu": str(sample.index), "uuid": sample.uuid, "model": sample.model},
@@ -21,6 +27,7 @@ def gpu_point(sample: GpuSample, host: str, limit_set_w: float | None = None) ->
             "mem_temp_c": sample.mem_temp_c,
             "limit_w": sample.limit_w,
             "limit_set_w": limit_set_w,
+            "limit_target_w": limit_target_w,
             "limit_default_w": sample.limit_default_w,
             "util_pct": sample.util_pct,
             "mem_util_pct": sample.mem_util_pct,
@@ -52,19 +59,22 @@ def coolant_point(reading: Reading, ts_ns: int, extra: dict[str, float] | None =
 
 
 def throttle_event_point(host: str, ts_ns: int, *, rule: str, severity: str, state: str, action: str,
-                         gpu: int | None, value: float | None, limit_w: float | None, message: str) -> Point:
+                         gpu: int | None, value: float | None, limit_w: float | None, message: str,
+                         limit_target_w: float | None = None) -> Point:
     """The ``throttle_event`` measurement: one rule transition (pending / firing / resolved /
     inactive, the last for a pending rule whose condition went away before it fired).
 
     ``gpu`` is a tag (absent for node rules): one rule changes state on several GPUs in the same
     tick, and as a field those points would share series and timestamp and overwrite each other.
     ``value`` is numeric only (a string such as a leak state goes into ``message``), so the
-    field keeps one type on every server.
+    field keeps one type on every server. ``limit_w`` is the limit written and held (absent in
+    dry run), ``limit_target_w`` the one intended.
     """
     numeric = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     tags = {"host": host, "rule": rule, "severity": severity}
     if gpu is not None:
         tags["gpu"] = str(gpu)
     return Point("throttle_event", tags,
-                 {"state": state, "action": action, "value": numeric, "limit_w": limit_w, "message": message},
+                 {"state": state, "action": action, "value": numeric, "limit_w": limit_w,
+                  "limit_target_w": limit_target_w, "message": message},
                  ts_ns)

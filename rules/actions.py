@@ -3,7 +3,8 @@
 Every source of a limit proposes a ceiling: each firing rule (``Ceiling`` per GPU, ``NodeCap`` for
 the node), the site budget share (a ``NodeCap``), operator / scheduler leases (``Ceiling``, with
 ``gpu=None`` for every GPU). The target of a GPU is the minimum of its ceilings, clamped to the
-device's ``[min_w, max_w]``; a GPU nothing proposes for goes back to its ``default_w`` (uncapped).
+device's ``[min_w, max_w]``; a GPU nothing proposes for stays at (or goes back to) its ``baseline_w``: the limit an operator
+(or the driver default) gave it, which the daemon never changes on its own.
 
 Then ``Ramp``: a target below the applied limit is applied at once (protection never waits);
 a target above it is approached at a bounded rate (W/s, each rise with its own jittered rate from
@@ -35,16 +36,20 @@ class NodeCap(NamedTuple):
 
 
 class GpuLimits(NamedTuple):
-    """A GPU's constraints (NVML's min/max/default management limits), in W."""
+    """A GPU's constraints (NVML's min/max management limits) and its baseline, in W.
+
+    ``baseline_w`` is the operator's latest intent (the limit set outside the daemon, or the
+    driver default): what the GPU holds when nothing asks for a cap, and what a release returns to.
+    """
 
     min_w: float
     max_w: float
-    default_w: float
+    baseline_w: float
 
 
 class Target(NamedTuple):
     watts: float
-    source: str  # the binding proposal: a rule name, "node:<source>", or "default"
+    source: str  # the binding proposal: a rule name, "node:<source>", or "baseline"
 
 
 def _limits(v: GpuLimits | tuple[float, float, float]) -> GpuLimits:
@@ -78,7 +83,7 @@ def compose_with_sources(ceilings: Iterable[Ceiling],
                          extra: Iterable[Ceiling] = ()) -> dict[int, Target]:
     """Per-GPU target with the proposal that binds it (see the module doc)."""
     lim = {i: _limits(v) for i, v in gpus.items()}
-    best: dict[int, Target] = {i: Target(v.default_w, "default") for i, v in lim.items()}
+    best: dict[int, Target] = {i: Target(v.baseline_w, "baseline") for i, v in lim.items()}
     for c in list(ceilings) + list(extra):
         targets = best.keys() if c.gpu is None else ((c.gpu,) if c.gpu in best else ())
         for i in targets:
@@ -104,7 +109,7 @@ def compose_with_sources(ceilings: Iterable[Ceiling],
 
 def compose(ceilings: Iterable[Ceiling], gpus: Mapping[int, GpuLimits | tuple[float, float, float]],
             node_caps: Iterable[NodeCap] = (), extra: Iterable[Ceiling] = ()) -> dict[int, float]:
-    """``{gpu: target_w}``: min of all proposals, clamped to [min_w, max_w]; default when none."""
+    """``{gpu: target_w}``: min of all proposals, clamped to [min_w, max_w]; baseline when none."""
     return {i: t.watts for i, t in compose_with_sources(ceilings, gpus, node_caps, extra).items()}
 
 

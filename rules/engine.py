@@ -96,9 +96,24 @@ class Evaluation:
     ceilings: list[Ceiling]  # per-GPU proposals from firing rules (source = rule name)
     node_caps: list[NodeCap]
     advice: dict[str, list[str]]  # "no_new_work" / "drain" -> rules advising it
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (rule, error) that raised this tick
 
     def firing(self) -> list[Instance]:
         return [i for i in self.states.values() if i.state == FIRING]
+
+
+@dataclass(slots=True)
+class RuleHealth:
+    """Whether a rule's last evaluation succeeded, and its last error (for logs, API, metrics).
+
+    An unhealthy rule's instances hold their state (a firing cap stays: fail safe) until it
+    evaluates again.
+    """
+
+    healthy: bool = True
+    errors: int = 0  # evaluations that raised, since the engine started
+    last_error: str | None = None
+    last_error_at: float | None = None  # engine clock
 
 
 # Per action, resolved at bind time: (kind, number) with kind in watts|fraction|delta|node|advise
@@ -143,6 +158,7 @@ class Engine:
         self._states: dict[tuple[str, int | None], Instance] = {}
         self._states_view = MappingProxyType(self._states)
         self._firing: dict[tuple[str, int | None], Instance] = {}
+        self._health: dict[str, RuleHealth] = {c.name: RuleHealth() for c in self._rules}
 
     # ------------------------------------------------------------------------------ compile
     def _compile(self, r: Rule) -> _Compiled:
@@ -185,72 +201,91 @@ class Engine:
                  stale: set[str] | frozenset[str] = frozenset()) -> Evaluation:
         """One tick at monotonic time ``now`` (see the module doc for the inputs)."""
         events: list[Event] = []
-        to = self._to
+        errors: list[tuple[str, str]] = []
         for cr in self._rules:
-            n = node
-            if stale and cr.stale_keys and not cr.stale_keys.isdisjoint(stale):
-                n = self._mask(cr, node, stale)
-            when_fn, clear_fn, value_fn = cr.when_fn, cr.clear_fn, cr.value_fn
-            wsrc = cr.window_sources
-            insts = cr.instances
-            # The state machine, inlined (this loop runs rules x GPUs times per tick).
-            for idx, g in (gpus.items() if cr.is_gpu else _NODE_ONLY):
-                inst = insts.get(idx)
-                if inst is None:
-                    inst = self._new(cr, idx, now)
-                w = inst.windows
-                if wsrc:
-                    for k, src in enumerate(wsrc):
-                        w[k].push(now, src(g, n, w))
-                state = inst.state
-                if state is not FIRING:
-                    v = when_fn(g, n, w)
-                    if v is None:
-                        inst.stale = True
-                        v = cr.when_unknown
-                        if v is None:
-                            continue  # stale: ignore -> hold
-                    elif inst.stale:
-                        inst.stale = False
-                    if v:
-                        if value_fn is not None:
-                            inst.value = value_fn(g, n, w)
-                        if state is INACTIVE:
-                            to(cr, inst, now, FIRING if cr.for_s <= 0 else PENDING, events)
-                        elif now - inst.since >= cr.for_s:
-                            to(cr, inst, now, FIRING, events)
-                    elif state is PENDING:
-                        to(cr, inst, now, INACTIVE, events)
-                    continue
-                # firing: does the clear condition hold, and long enough?
-                if clear_fn is not None:
-                    c = clear_fn(g, n, w)
-                    if c is None:
-                        inst.stale = True
-                        c = cr.clear_unknown
-                    else:
-                        inst.stale = False
-                else:
-                    v = when_fn(g, n, w)
-                    if v is None:
-                        inst.stale = True
-                        v = cr.when_unknown
-                    else:
-                        inst.stale = False
-                    c = None if v is None else not v
-                if value_fn is not None:
-                    inst.value = value_fn(g, n, w)
-                if c is None:
-                    continue  # unknown and stale: ignore -> hold everything
-                if c:
-                    if inst.clearing_since is None:
-                        inst.clearing_since = now
-                    if now - inst.clearing_since >= cr.clear_for_s:
-                        to(cr, inst, now, INACTIVE, events, resolved=True)
-                else:
-                    inst.clearing_since = None
+            # One failing rule (a site's own, say) must not silence the others (Prometheus' rule
+            # group does the same): its instances hold their state, it is marked unhealthy with
+            # its last error, and every other rule still evaluates this tick.
+            try:
+                self._evaluate_rule(cr, now, node, gpus, stale, events)
+            except Exception as exc:  # noqa: BLE001 - any bug in one rule is contained here
+                error = f"{type(exc).__name__}: {exc}"
+                health = self._health[cr.name]
+                health.healthy, health.last_error, health.errors = False, error, health.errors + 1
+                health.last_error_at = now
+                errors.append((cr.name, error))
+            else:
+                self._health[cr.name].healthy = True
         ceilings, node_caps, advice = self._proposals(gpus)
-        return Evaluation(now, self._states_view, events, ceilings, node_caps, advice)
+        return Evaluation(now, self._states_view, events, ceilings, node_caps, advice, errors)
+
+    def _evaluate_rule(self, cr: _Compiled, now: float, node: Mapping[str, Any],
+                       gpus: Mapping[int, Mapping[str, Any]], stale: set[str] | frozenset[str],
+                       events: list[Event]) -> None:
+        """Advance every instance of one rule by one tick (raises what the rule raises)."""
+        to = self._to
+        n = node
+        if stale and cr.stale_keys and not cr.stale_keys.isdisjoint(stale):
+            n = self._mask(cr, node, stale)
+        when_fn, clear_fn, value_fn = cr.when_fn, cr.clear_fn, cr.value_fn
+        wsrc = cr.window_sources
+        insts = cr.instances
+        # The state machine, inlined (this loop runs rules x GPUs times per tick).
+        for idx, g in (gpus.items() if cr.is_gpu else _NODE_ONLY):
+            inst = insts.get(idx)
+            if inst is None:
+                inst = self._new(cr, idx, now)
+            w = inst.windows
+            if wsrc:
+                for k, src in enumerate(wsrc):
+                    w[k].push(now, src(g, n, w))
+            state = inst.state
+            if state is not FIRING:
+                v = when_fn(g, n, w)
+                if v is None:
+                    inst.stale = True
+                    v = cr.when_unknown
+                    if v is None:
+                        continue  # stale: ignore -> hold
+                elif inst.stale:
+                    inst.stale = False
+                if v:
+                    if value_fn is not None:
+                        inst.value = value_fn(g, n, w)
+                    if state is INACTIVE:
+                        to(cr, inst, now, FIRING if cr.for_s <= 0 else PENDING, events)
+                    elif now - inst.since >= cr.for_s:
+                        to(cr, inst, now, FIRING, events)
+                elif state is PENDING:
+                    to(cr, inst, now, INACTIVE, events)
+                continue
+            # firing: does the clear condition hold, and long enough?
+            if clear_fn is not None:
+                c = clear_fn(g, n, w)
+                if c is None:
+                    inst.stale = True
+                    c = cr.clear_unknown
+                else:
+                    inst.stale = False
+            else:
+                v = when_fn(g, n, w)
+                if v is None:
+                    inst.stale = True
+                    v = cr.when_unknown
+                else:
+                    inst.stale = False
+                c = None if v is None else not v
+            if value_fn is not None:
+                inst.value = value_fn(g, n, w)
+            if c is None:
+                continue  # unknown and stale: ignore -> hold everything
+            if c:
+                if inst.clearing_since is None:
+                    inst.clearing_since = now
+                if now - inst.clearing_since >= cr.clear_for_s:
+                    to(cr, inst, now, INACTIVE, events, resolved=True)
+            else:
+                inst.clearing_since = None
 
     def _new(self, cr: _Compiled, gpu: int | None, now: float) -> Instance:
         inst = Instance(cr.name, gpu, cr.severity, INACTIVE, now,
@@ -351,6 +386,11 @@ class Engine:
     @property
     def states(self) -> Mapping[tuple[str, int | None], Instance]:
         return self._states_view
+
+    @property
+    def health(self) -> Mapping[str, RuleHealth]:
+        """Per rule name: healthy or not, with its last error."""
+        return MappingProxyType(self._health)
 
     def rule(self, name: str) -> Rule:
         return self._by_name[name].rule

@@ -22,26 +22,31 @@ def tick(backend):
     return {s.index: s for s in backend.sample(0)}
 
 
+def uuids(fake):
+    return {g.uuid: i for i, g in enumerate(fake.gpus)}
+
+
 def test_writes_only_on_change_and_clamps_to_the_constraints(tmp_path):
     fake, backend = node()
     act = Actuator(backend, tmp_path)
     act.apply({0: 500.0, 1: 10_000.0}, tick(backend))
-    assert fake.gpus[0].sets == [500_000] and fake.gpus[1].sets == []  # 1: clamped to 700 = current
+    assert fake.gpus[0].attempts == [500_000] and fake.gpus[1].attempts == []  # 1: clamped to 700 = current
     for _ in range(5):
         act.apply({0: 500.0, 1: 10_000.0}, tick(backend))
-    assert fake.gpus[0].sets == [500_000]
+    assert fake.gpus[0].attempts == [500_000]
     act.apply({0: 50.0}, tick(backend))
-    assert fake.gpus[0].sets == [500_000, 200_000]  # clamped up to the minimum
+    assert fake.gpus[0].attempts == [500_000, 200_000]  # clamped up to the minimum
 
 
 def test_dry_run_writes_nothing_but_reports_what_it_would_set(tmp_path):
     fake, backend = node()
     act = Actuator(backend, tmp_path, dry_run=True)
     controls = act.apply({0: 400.0, 1: 300.0}, tick(backend))
-    assert fake.gpus[0].sets == fake.gpus[1].sets == []
-    assert controls[0].set_w == 400.0 and controls[0].observe_only
+    assert fake.gpus[0].attempts == fake.gpus[1].attempts == []
+    assert controls[0].target_w == 400.0 and controls[0].observe_only
+    assert controls[0].set_w is None  # telemetry never reports a cap that was not written
     assert not (tmp_path / ORIGINALS_FILE).exists()
-    assert act.restore() == {} and fake.gpus[0].sets == []
+    assert act.restore({}) == {} and fake.gpus[0].attempts == []
 
 
 def test_no_permission_is_one_clear_error_then_observe_only(tmp_path, capsys):
@@ -54,7 +59,7 @@ def test_no_permission_is_one_clear_error_then_observe_only(tmp_path, capsys):
     for target in (300.0, 350.0, 400.0):
         act.apply({0: target}, tick(backend))
     assert fake.gpus[0].calls["nvmlDeviceSetPowerManagementLimit"] == calls  # no retry storm
-    assert control.set_w == 400.0  # reported as it would have been set
+    assert control.set_w is None and control.target_w == 400.0  # intended, not written
 
 
 def test_an_out_of_band_limiter_is_reported_and_not_fought(tmp_path):
@@ -64,9 +69,9 @@ def test_an_out_of_band_limiter_is_reported_and_not_fought(tmp_path):
     fake.gpus[0].enforced_limit_mw = 450_000  # e.g. a BMC power brake below our 600 W
     act.apply({0: 650.0}, tick(backend))
     assert act.controls[0].externally_limited
-    assert fake.gpus[0].sets == [600_000]  # no raise while something else holds it lower
+    assert fake.gpus[0].attempts == [600_000]  # no raise while something else holds it lower
     act.apply({0: 400.0}, tick(backend))  # lowering is always allowed
-    assert fake.gpus[0].sets == [600_000, 400_000]
+    assert fake.gpus[0].attempts == [600_000, 400_000]
 
 
 def test_originals_are_persisted_before_the_first_write_and_restored_on_stop(tmp_path):
@@ -74,11 +79,11 @@ def test_originals_are_persisted_before_the_first_write_and_restored_on_stop(tmp
     act = Actuator(backend, tmp_path)
     act.apply({0: 400.0}, tick(backend))
     saved = json.loads((tmp_path / ORIGINALS_FILE).read_text())
-    assert saved == {fake.gpus[0].uuid: {"index": 0, "limit_w": 650.0}}
+    assert saved == {fake.gpus[0].uuid: {"index": 0, "limit_w": 650.0, "saved_at": saved[fake.gpus[0].uuid]["saved_at"]}}
     act.apply({0: 300.0}, tick(backend))  # a second write keeps the first original
     assert json.loads((tmp_path / ORIGINALS_FILE).read_text()) == saved
-    assert act.restore() == {fake.gpus[0].uuid: "restored 650 W"}
-    assert fake.gpus[0].limit_mw == 650_000 and fake.gpus[1].sets == []
+    assert act.restore(uuids(fake)) == {fake.gpus[0].uuid: "restored 650 W"}
+    assert fake.gpus[0].limit_mw == 650_000 and fake.gpus[1].attempts == []
     assert not (tmp_path / ORIGINALS_FILE).exists()
 
 
@@ -88,7 +93,7 @@ def test_a_crash_is_repaired_by_the_next_run(tmp_path):
     assert fake.gpus[0].limit_mw == 300_000
     # the next run (or agentd restore-limits), possibly with other indexes
     after = Actuator(backend, tmp_path)
-    assert after.load_originals() == {fake.gpus[0].uuid: {"index": 0, "limit_w": 700.0}}
+    assert after.load_originals()[fake.gpus[0].uuid]["limit_w"] == 700.0
     assert after.restore({fake.gpus[0].uuid: 0})[fake.gpus[0].uuid] == "restored 700 W"
     assert fake.gpus[0].limit_mw == 700_000
 
@@ -98,7 +103,7 @@ def test_a_failed_restore_keeps_the_original_for_the_next_try(tmp_path):
     act = Actuator(backend, tmp_path)
     act.apply({0: 300.0}, tick(backend))
     fake.gpus[0].no_permission_on_set = True
-    assert act.restore()[fake.gpus[0].uuid].startswith("failed")
+    assert act.restore(uuids(fake))[fake.gpus[0].uuid].startswith("failed")
     assert (tmp_path / ORIGINALS_FILE).exists()
 
 
@@ -122,8 +127,8 @@ def test_no_sequence_of_targets_writes_outside_the_constraints(tmp_path_factory,
         if k == len(steps) // 2 and enforced_mw:
             fake.gpus[1].enforced_limit_mw = enforced_mw + 200_000
         act.apply({0: a, 1: b}, tick(backend))
-    for gpu in fake.gpus:
-        assert all(200_000 <= mw <= 700_000 for mw in gpu.sets)
+    for gpu in fake.gpus:  # every attempted write, not only those the fake accepted
+        assert all(isinstance(mw, int) and 200_000 <= mw <= 700_000 for mw in gpu.attempts)
 
 
 def test_restore_limits_command_repairs_a_crashed_run(tmp_path):
@@ -153,9 +158,11 @@ def test_an_operator_limit_is_not_raised_but_can_be_lowered(tmp_path):
     act.apply({0: 700.0}, tick(backend))
     fake.gpus[0].limit_mw = 400_000  # nvidia-smi -pl 400 by a person
     act.apply({0: 700.0}, tick(backend))  # uncapped target above it
-    assert fake.gpus[0].sets == [] and act.controls[0].externally_limited
+    assert fake.gpus[0].attempts == [] and act.controls[0].baseline_w == 400.0
     act.apply({0: 300.0}, tick(backend))  # protection still lowers it
-    assert fake.gpus[0].sets == [300_000]
+    assert fake.gpus[0].attempts == [300_000]
+    act.apply({0: 700.0}, tick(backend))  # released: back to the operator's 400, not 700
+    assert fake.gpus[0].attempts == [300_000, 400_000] and fake.gpus[0].limit_mw == 400_000
 
 
 def test_a_refused_write_leaves_nothing_to_restore(tmp_path):
@@ -169,4 +176,4 @@ def test_an_unwritable_state_dir_means_no_write(tmp_path):
     fake, backend = node(1)
     act = Actuator(backend, tmp_path / "missing" / "dir")
     act.apply({0: 400.0}, tick(backend))
-    assert fake.gpus[0].sets == [] and "cannot persist" in act.controls[0].error
+    assert fake.gpus[0].attempts == [] and "cannot persist" in act.controls[0].error

@@ -18,7 +18,7 @@ def test_min_of_proposals_clamped_default_when_none():
                   extra=[Ceiling(None, 600, "lease")])
     assert out == {0: 450, 1: 600, 2: 100}
     src = compose_with_sources([Ceiling(0, 500, "a")], G)
-    assert src[0] == (500, "a") and src[1] == (650, "default")
+    assert src[0] == (500, "a") and src[1] == (650, "baseline")
     assert compose([Ceiling(0, 5000, "big"), Ceiling(7, 10, "no such gpu")], G) == {0: 700, 1: 650, 2: 400}
 
 
@@ -86,7 +86,7 @@ watts = st.floats(-1e4, 1e5, allow_nan=False, allow_infinity=False)
 )
 def test_compose_and_ramp_never_leave_min_max(limits, steps, rise, jitter, hold, seed):
     ramp = Ramp(rise_w_per_s=rise, hold_s=hold, jitter=jitter, rng=random.Random(seed))
-    applied = {i: lim.default_w for i, lim in limits.items()}
+    applied = {i: lim.baseline_w for i, lim in limits.items()}
     now = 0.0
     for dt, props, node_caps in steps:
         now += dt

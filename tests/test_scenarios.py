@@ -85,7 +85,8 @@ async def test_dry_run_evaluates_and_reports_everything_and_writes_nothing(tmp_p
     assert any("leak_critical" in f.advice.get("drain", []) for f in run.frames)
     assert run.backend.writes == []
     assert all(w == 700 for w in run.frames[-1].limits_w.values())
-    assert run.daemon.actuator.controls[0].set_w == 200  # what it would have set
+    control = run.daemon.actuator.controls[0]
+    assert control.target_w == 200 and control.set_w is None  # intended, reported, not written
     await run.daemon.shutdown()
     assert run.backend.writes == [] and not (tmp_path / ORIGINALS_FILE).exists()
 
