@@ -295,10 +295,12 @@ class Forwarder:
     already accepted) and reads and compresses batch *k+1*, so a replay after an outage runs
     at close to the server's own ingest rate. Only the HTTP request is on the critical path.
 
-    ``rng``, ``sleep`` and ``monotonic`` are injectable so tests run the backoff without
-    sleeping. Stats for self-telemetry: ``written`` (points accepted by the server),
-    ``write_errors`` (failed or rejected requests), ``quarantined`` (points), ``last_error``,
-    ``connected`` (the last request got an HTTP answer).
+    ``rng``, ``sleep`` and ``monotonic`` are injectable so tests run the backoff and the idle
+    poll without sleeping (every wait in ``run`` goes through ``sleep``). Stats for
+    self-telemetry: ``written`` (points accepted by the server), ``write_errors`` (failed or
+    rejected requests), ``quarantined`` (points), ``last_error``, ``connected`` (the last request
+    got an HTTP answer), ``backoffs`` (retry waits entered). ``backing_off`` is set while a
+    retry wait is in progress (a test waits on it rather than guessing with a sleep).
     """
 
     def __init__(self, store: Store, writer: Writer, *, batch_size: int = 5000, backoff_max: float = 60.0,
@@ -324,6 +326,8 @@ class Forwarder:
         self.quarantined = 0
         self.last_error: str | None = None
         self.connected = False
+        self.backoffs = 0
+        self.backing_off = asyncio.Event()
 
     # -- control ---------------------------------------------------------------------------
 
@@ -359,10 +363,10 @@ class Forwarder:
                         nxt = await self._in_thread(self._ack_and_fetch, pending_ack, None)
                     except StoreError as exc:
                         log.error("store read failed; forwarder retrying", error=str(exc))
-                        await self._wait(stop, self._sleep(self.idle_poll_s), None)
+                        await self._wait(stop, self._sleep(self.idle_poll_s))
                         continue
-                    if nxt is None:
-                        await self._wait(stop, self._wake.wait(), self.idle_poll_s)
+                    if nxt is None:  # idle: until new lines are appended, or the next poll
+                        await self._wait(stop, self._wake.wait(), self._sleep(self.idle_poll_s))
                         continue
                 batch, payload = nxt
                 nxt = None
@@ -464,7 +468,12 @@ class Forwarder:
     async def _back_off(self, stop: asyncio.Event, exc: WriteFailed) -> None:
         delay = self.backoff_delay(self._failures, exc.retry_after)
         log.debug("influx retry scheduled", retry_in_s=round(delay, 3), attempt=self._failures)
-        await self._wait(stop, self._sleep(delay), None)
+        self.backoffs += 1
+        self.backing_off.set()
+        try:
+            await self._wait(stop, self._sleep(delay))
+        finally:
+            self.backing_off.clear()
 
     def _on_success(self, batch: Batch) -> None:
         self.written += batch.count
@@ -534,15 +543,15 @@ class Forwarder:
                   store=str(self.store.path))
 
     @staticmethod
-    async def _wait(stop: asyncio.Event, coro: Awaitable, timeout: float | None) -> None:
-        """Until ``coro`` finishes, ``stop`` is set or ``timeout`` passes."""
-        task = asyncio.ensure_future(coro)
-        stopper = asyncio.ensure_future(stop.wait())
+    async def _wait(stop: asyncio.Event, *waits: Awaitable) -> None:
+        """Until the first of ``waits`` finishes or ``stop`` is set; the others are cancelled."""
+        tasks = [asyncio.ensure_future(w) for w in waits]
+        tasks.append(asyncio.ensure_future(stop.wait()))
         try:
-            await asyncio.wait({task, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            task.cancel()
-            stopper.cancel()
+            for task in tasks:
+                task.cancel()
 
 
 def _unexpected(exc: BaseException) -> WriteFailed:

@@ -8,8 +8,12 @@ support is ``None``: never an exception, never a made-up zero.
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
+
+import pynvml  # only for its constants: importing it needs no driver
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,10 +75,24 @@ class GpuSample:
         return bool(self.clock_reasons & THROTTLE_REASONS_MASK)
 
 
-# nvmlClocksEventReason* bits that mean "held down": SW power cap, HW slowdown, SW/HW thermal,
-# power brake. GpuIdle (0x1), ApplicationsClocksSetting (0x2), SyncBoost (0x10) and
-# DisplayClockSetting (0x100) are not throttling.
-THROTTLE_REASONS_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+def _reason_bit(name: str) -> int:
+    """A clocks-event reason bit from the bindings. nvidia-ml-py names them
+    ``nvmlClocksEventReason*`` now and ``nvmlClocksThrottleReason*`` before (BoardLimit and
+    Reliability only under the older name), so the newer name wins where both exist."""
+    for prefix in ("nvmlClocksEventReason", "nvmlClocksThrottleReason"):
+        bit = getattr(pynvml, prefix + name, None)
+        if bit is not None:
+            return int(bit)
+    raise ImportError(f"pynvml has no nvmlClocksEventReason{name}; nvidia-ml-py is too old or too new")
+
+
+# The reasons that mean "held down": SW power cap, HW slowdown, SW/HW thermal, power brake, the
+# board's own limit and reliability. GpuIdle, ApplicationsClocksSetting (= UserDefinedClocks),
+# SyncBoost and DisplayClockSetting are not throttling. Bits from the bindings, not literals.
+THROTTLE_REASONS_MASK = functools.reduce(operator.or_, map(_reason_bit, (
+    "SwPowerCap", "HwSlowdown", "SwThermalSlowdown", "HwThermalSlowdown", "HwPowerBrakeSlowdown",
+    "BoardLimit", "Reliability",
+)))  # fmt: skip
 
 
 class BackendEvent(NamedTuple):

@@ -20,6 +20,7 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,18 +111,21 @@ def _power_avg(nv: Any, g: _Gpu) -> Reader:
 # takes microseconds (tests/fixtures/nvml/nvidia-h200-latency.txt). A cumulative counter loses
 # nothing by being read less often, so at sub-second intervals it is read at most every 0.5 s;
 # on the ticks in between ``energy_j`` is None and the point simply carries no energy field.
-ENERGY_MIN_INTERVAL_NS = 500_000_000
+# The interval is measured on the backend's monotonic clock: a wall-clock step (NTP, ``date``)
+# must neither stop the reads nor make them come early.
+ENERGY_MIN_INTERVAL_S = 0.5
 
 
 def _energy(nv: Any, g: _Gpu) -> Reader:
-    get = nv.nvmlDeviceGetTotalEnergyConsumption
-    last_ns = [-(2**63)]
+    get, monotonic = nv.nvmlDeviceGetTotalEnergyConsumption, g.monotonic
+    last = [-math.inf]
 
     def read(h: Any, s: GpuSample) -> None:
-        if 0 <= s.ts_ns - last_ns[0] < ENERGY_MIN_INTERVAL_NS:
+        now = monotonic()
+        if now - last[0] < ENERGY_MIN_INTERVAL_S:
             return
         s.energy_j = get(h) / 1000.0  # mJ -> J
-        last_ns[0] = s.ts_ns
+        last[0] = now
 
     return read
 
@@ -245,6 +249,7 @@ class _Gpu:
     """Per-GPU state: handle, the readers still worth calling, health and retry schedule."""
 
     info: GpuInfo
+    monotonic: Callable[[], float] = time.monotonic  # the backend's clock, for rate-limited readers
     handle: Any = None
     min_mw: int | None = None
     max_mw: int | None = None
@@ -264,8 +269,9 @@ def _text(value: Any) -> str:
 class NvmlBackend:
     """:class:`collectors.base.GpuBackend` over NVML.
 
-    ``nvml`` is the pynvml module or a stand-in (tests); ``monotonic`` and ``wall_ns`` are the
-    clocks used for the retry backoff and for events raised outside :meth:`sample`. A GPU that
+    ``nvml`` is the pynvml module or a stand-in (tests); ``monotonic`` is the clock for the retry
+    backoff and the energy counter's rate limit, ``wall_ns`` the one for events raised outside
+    :meth:`sample` (``sample``'s own ``ts_ns`` only stamps the readings). A GPU that
     fails is retried ``retry_s`` later, doubling up to ``retry_max_s`` while it stays down.
 
     Health changes are appended to :attr:`events` (:class:`BackendEvent`); the daemon takes them
@@ -338,7 +344,7 @@ class NvmlBackend:
             )
         self._gpus = []
         for index in range(count):
-            g = _Gpu(GpuInfo(index=index, uuid="", model="unknown"))
+            g = _Gpu(GpuInfo(index=index, uuid="", model="unknown"), monotonic=self._monotonic)
             self._gpus.append(g)
             try:
                 self._attach(g)

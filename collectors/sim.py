@@ -63,7 +63,10 @@ class SimBackend:
         self._gpus: list[_SimGpu] = []
         self._last_ts_ns: int | None = None
         self._start_ts_ns: int | None = None
-        self.writes: list[tuple[int, float]] = []  # (index, watts) of every limit write, for tests
+        # for tests: (index, watts) of every set_power_limit call, as passed and before any check,
+        # and of the writes that were accepted
+        self.attempts: list[tuple[int, float]] = []
+        self.writes: list[tuple[int, float]] = []
 
     def open(self) -> list[GpuInfo]:
         master = random.Random(self._seed)
@@ -87,10 +90,15 @@ class SimBackend:
         return []
 
     def set_power_limit(self, index: int, limit_w: float) -> None:
-        gpu = self._gpus[index]
+        """Refuses what NvmlBackend refuses, with the same exception types: ValueError for an
+        unknown index or a limit outside [MIN_W, MAX_W] (NaN and infinities included)."""
+        self.attempts.append((index, limit_w))
+        if not 0 <= index < len(self._gpus):
+            raise ValueError(f"no GPU with index {index} (this node has {len(self._gpus)})")
         if not MIN_W <= limit_w <= MAX_W:  # also refuses NaN
-            raise ValueError(f"GPU {index}: limit {limit_w} W outside [{MIN_W}, {MAX_W}]")
-        gpu.limit_w = float(limit_w)
+            raise ValueError(f"GPU {index}: power limit {limit_w} W is outside the device's range "
+                             f"[{MIN_W:g}, {MAX_W:g}] W")
+        self._gpus[index].limit_w = float(limit_w)
         self.writes.append((index, float(limit_w)))
 
     def limits_w(self) -> dict[int, float]:

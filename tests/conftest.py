@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 
@@ -18,6 +18,29 @@ from tests.services import ServiceError, Services, from_env
 SKIP_MESSAGE = (
     "real servers not running: run scripts/services start and eval $(scripts/services env)"
 )
+SERVER_FIXTURES = frozenset({"services", "influx1_db"})
+
+
+def unmarked_server_tests(items: Iterable[pytest.Item]) -> list[str]:
+    """Node ids of the tests that use a real server (a fixture below) without the
+    ``integration`` marker, which ``-m integration`` / ``-m "not integration"`` select on."""
+    return [
+        item.nodeid
+        for item in items
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("integration") is None
+    ]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse to run when a server test is not marked: ``-m "not integration"`` would run it."""
+    missing = unmarked_server_tests(items)
+    if missing:
+        raise pytest.UsageError(
+            "these tests use the real servers (fixture services or influx1_db) but are not marked "
+            "integration; add @pytest.mark.integration (or pytestmark = pytest.mark.integration):\n  "
+            + "\n  ".join(missing)
+        )
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,14 @@ It reproduces the shapes and failures of the real bindings, not just their names
   such as ``"NVML_FI_DEV_MEMORY_TEMP"``), ``errors`` (any NVML error code per function or field),
   ``lost`` (every call raises GPU_IS_LOST; settable mid-run), ``no_permission_on_set``,
   ``FakeNvml(hidden=...)`` (bindings that lack a function: AttributeError), ``init_error``;
+- arguments go through the same ctypes conversions as in the real wrappers (``c_uint(limit)``,
+  ``c_uint(index)``, the sensor/threshold/clock enums, the ``c_nvmlFieldValue_t`` members), so a
+  float limit raises ``TypeError`` here as it does on a GPU, and a negative one wraps round to a
+  huge unsigned value that the range check refuses;
 - ``calls`` counters on the module and on each GPU (by function name; field values also count
-  each field name asked for), ``sets`` (mW values written), and per-call
-  ``delay_s`` / ``on_call`` hooks for timeout tests.
+  each field name asked for), ``attempts`` (every value passed to
+  ``nvmlDeviceSetPowerManagementLimit``, as passed, recorded before any check), ``sets`` (the mW
+  values the "driver" accepted), and per-call ``delay_s`` / ``on_call`` hooks for timeout tests.
 
 Build one::
 
@@ -33,6 +38,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from ctypes import c_uint
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +61,9 @@ _UNION_MEMBER = {
 
 
 def _default_thresholds() -> dict[int, int]:
+    """The four thresholds the H200 capture (tests/fixtures/nvml/nvidia-h200.json) recorded."""
     return {
-        _real.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN: 92,
+        _real.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN: 95,
         _real.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN: 89,
         _real.NVML_TEMPERATURE_THRESHOLD_GPU_MAX: 87,
         _real.NVML_TEMPERATURE_THRESHOLD_MEM_MAX: 95,
@@ -89,6 +96,7 @@ class FakeGpu:
     clock_reasons: int = 0
     pids: list[int] = field(default_factory=list)
     field_value_types: dict[int, int] = field(default_factory=dict)  # field id -> NVML_VALUE_TYPE_*
+    field_latency_us: dict[int, int] = field(default_factory=dict)  # field id -> latencyUsec (default 0)
     # failure modes
     unsupported: set[str] = field(default_factory=set)  # function or field names
     errors: dict[str, int] = field(default_factory=dict)  # function or field name -> NVML error code
@@ -98,7 +106,9 @@ class FakeGpu:
     on_call: Callable[[str], None] | None = None  # called with the function name before each call
     # what happened
     calls: Counter[str] = field(default_factory=Counter)
-    sets: list[int] = field(default_factory=list)  # mW values written by nvmlDeviceSetPowerManagementLimit
+    # every value passed to nvmlDeviceSetPowerManagementLimit, as passed (float or int), refused or not
+    attempts: list[int | float] = field(default_factory=list)
+    sets: list[int] = field(default_factory=list)  # the mW values the "driver" accepted
 
 
 @dataclass(frozen=True)
@@ -220,8 +230,9 @@ class FakeNvml:
         return len(self.gpus)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeHandle:
+        index = c_uint(index).value  # the real wrapper's conversion: TypeError on a float
         self._count("nvmlDeviceGetHandleByIndex")
-        if not 0 <= index < len(self.gpus):
+        if not index < len(self.gpus):
             raise _error(_real.NVML_ERROR_INVALID_ARGUMENT)
         self._gpu("nvmlDeviceGetHandleByIndex", FakeHandle(index), counted=True)
         return FakeHandle(index)
@@ -254,6 +265,7 @@ class FakeNvml:
         return self._gpu("nvmlDeviceGetPowerManagementMode", h).power_management_mode
 
     def nvmlDeviceGetTemperatureThreshold(self, h: FakeHandle, threshold: int) -> int:
+        threshold = c_uint(threshold).value  # _nvmlTemperatureThresholds_t
         g = self._gpu("nvmlDeviceGetTemperatureThreshold", h)
         if threshold not in g.thresholds:
             raise _error(_real.NVML_ERROR_NOT_SUPPORTED)
@@ -261,13 +273,22 @@ class FakeNvml:
 
     # -- readings ----------------------------------------------------------------------------
 
-    def nvmlDeviceGetFieldValues(self, h: FakeHandle, fieldIds: list[int]) -> Any:
-        g = self._gpu("nvmlDeviceGetFieldValues", h)
+    def nvmlDeviceGetFieldValues(self, h: FakeHandle, fieldIds: list[int] | list[tuple[int, int]]) -> Any:
+        # The wrapper's part, as in pynvml: each entry is a field id or a (field id, scope id)
+        # pair, stored in the ctypes members (a float raises TypeError there).
         values = (_real.c_nvmlFieldValue_t * len(fieldIds))()
-        now_us = time.time_ns() // 1000
         for v, fid in zip(values, fieldIds):
-            v.fieldId = fid
+            try:
+                (v.fieldId, v.scopeId) = fid  # type: ignore[misc]
+            except TypeError:
+                v.fieldId = fid  # type: ignore[assignment]
+        # The driver's part: timestamp (wall clock, us), latency, return code, type and value.
+        g = self._gpu("nvmlDeviceGetFieldValues", h)
+        now_us = time.time_ns() // 1000
+        for v in values:
+            fid = v.fieldId
             v.timestamp = now_us
+            v.latencyUsec = g.field_latency_us.get(fid, 0)
             attr, name = _FIELD_ATTRS.get(fid, (None, str(fid)))
             g.calls[name] += 1  # so tests can see which fields were asked for
             if name in g.errors:
@@ -288,12 +309,16 @@ class FakeNvml:
         return self._gpu("nvmlDeviceGetTotalEnergyConsumption", h).energy_mj
 
     def nvmlDeviceGetTemperatureV(self, h: FakeHandle, sensor: int, version: int = _real.nvmlTemperature_v1) -> int:
+        if version != _real.nvmlTemperature_v1:  # checked by the wrapper, before any driver call
+            raise _error(_real.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        sensor = c_uint(sensor).value  # _nvmlTemperatureSensors_t
         g = self._gpu("nvmlDeviceGetTemperatureV", h)
         if sensor != _real.NVML_TEMPERATURE_GPU:
             raise _error(_real.NVML_ERROR_INVALID_ARGUMENT)
         return g.temp_c
 
     def nvmlDeviceGetTemperature(self, h: FakeHandle, sensor: int) -> int:
+        sensor = c_uint(sensor).value  # _nvmlTemperatureSensors_t
         g = self._gpu("nvmlDeviceGetTemperature", h)
         if sensor != _real.NVML_TEMPERATURE_GPU:
             raise _error(_real.NVML_ERROR_INVALID_ARGUMENT)
@@ -311,11 +336,19 @@ class FakeNvml:
         return _real.c_nvmlUtilization_t(gpu=g.util_gpu, memory=g.util_mem)
 
     def nvmlDeviceGetMemoryInfo(self, h: FakeHandle, version: int | None = None) -> Any:
-        g = self._gpu("nvmlDeviceGetMemoryInfo", h)
+        # as the wrapper: no version -> the v1 struct; a version -> the v2 struct, which the
+        # driver refuses unless the version is nvmlMemory_v2
+        g = self._gpu("nvmlDeviceGetMemoryInfo" if not version else "nvmlDeviceGetMemoryInfo_v2", h)
         free = g.mem_total_bytes - g.mem_used_bytes
-        return _real.c_nvmlMemory_t(total=g.mem_total_bytes, free=free, used=g.mem_used_bytes)
+        if not version:
+            return _real.c_nvmlMemory_t(total=g.mem_total_bytes, free=free, used=g.mem_used_bytes)
+        if c_uint(version).value != _real.nvmlMemory_v2:
+            raise _error(_real.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        return _real.c_nvmlMemory_v2_t(version=version, total=g.mem_total_bytes, reserved=0, free=free,
+                                       used=g.mem_used_bytes)
 
     def nvmlDeviceGetClockInfo(self, h: FakeHandle, type: int) -> int:
+        type = c_uint(type).value  # _nvmlClockType_t
         g = self._gpu("nvmlDeviceGetClockInfo", h)
         if type not in (_real.NVML_CLOCK_SM, _real.NVML_CLOCK_GRAPHICS):
             raise _error(_real.NVML_ERROR_NOT_SUPPORTED)
@@ -347,13 +380,17 @@ class FakeNvml:
     # -- the one control ---------------------------------------------------------------------
 
     def nvmlDeviceSetPowerManagementLimit(self, h: FakeHandle, limit: int) -> None:
+        """As the real wrapper: ``c_uint(limit)`` first (TypeError on a float, a negative value
+        wraps round), then the driver's checks on the unsigned value it receives."""
+        self.gpus[h.index].attempts.append(limit)  # every attempt, before anything can refuse it
+        mw = c_uint(limit).value
         g = self._gpu("nvmlDeviceSetPowerManagementLimit", h)
         if g.no_permission_on_set:
             raise _error(_real.NVML_ERROR_NO_PERMISSION)
-        if not g.min_limit_mw <= limit <= g.max_limit_mw:
+        if not g.min_limit_mw <= mw <= g.max_limit_mw:
             raise _error(_real.NVML_ERROR_INVALID_ARGUMENT)
-        g.limit_mw = int(limit)
-        g.sets.append(int(limit))
+        g.limit_mw = mw
+        g.sets.append(mw)
 
 
 # The real constants, struct types and exception classes, shared rather than copied by value.
@@ -439,6 +476,8 @@ def _gpu_from_probe(p: dict[str, Any]) -> tuple[FakeGpu, set[str]]:
         else:
             setattr(gpu, attr, e["raw"])
             gpu.field_value_types[fid] = getattr(_real, e["value_type"])
+            if "latency_us" in e:
+                gpu.field_latency_us[fid] = e["latency_us"]
     return gpu, hidden
 
 

@@ -93,36 +93,67 @@ async def test_ships_everything_in_order_and_acks(store: Store) -> None:
     assert fwd.written == 1234 and fwd.write_errors == 0 and fwd.connected
 
 
-async def test_backoff_is_capped_exponential_with_full_jitter(store: Store) -> None:
-    put(store, ["m v=1i 1", "m v=2i 2"])
+class EdgeRng:
+    """Stands in for random.Random: answers ``uniform(a, b)`` with one end of the range, and
+    records every range asked for, so the backoff's ceilings can be read off exactly."""
+
+    def __init__(self, end: str) -> None:
+        self.end = end
+        self.ranges: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.ranges.append((a, b))
+        return b if self.end == "high" else a
+
+
+# base 0.5 s doubling per failure, capped at 4 s: what the docstring promises, written out
+LADDER = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+
+
+async def _delays(store: Store, rng: object, n: int = 12) -> tuple[Forwarder, list[float], list]:
+    """Run a forwarder against a dead server until it has scheduled ``n`` retries."""
     delays: list[float] = []
     stop = asyncio.Event()
 
     async def fake_sleep(s: float) -> None:
         delays.append(s)
-        if len(delays) == 12:
+        if len(delays) == n:
             stop.set()
 
     fwd = Forwarder(store, FakeWriter(fail=WriteFailed("connection refused")), batch_size=10,
-                    backoff_base=0.5, backoff_max=4.0, rng=random.Random(7), sleep=fake_sleep)
+                    backoff_base=0.5, backoff_max=4.0, rng=rng, sleep=fake_sleep)  # type: ignore[arg-type]
     with capture_logs() as logs:
         await asyncio.wait_for(fwd.run(stop), 5)
-    ref = random.Random(7)
-    ceilings = [min(4.0, 0.5 * 2**i) for i in range(12)]
-    assert delays == [ref.uniform(0, c) for c in ceilings]
-    assert all(0 <= d <= c for d, c in zip(delays, ceilings))
-    assert max(delays) <= 4.0 and len({round(d, 6) for d in delays}) == 12  # jittered, not a fixed ladder
+    return fwd, delays, logs
+
+
+async def test_backoff_is_capped_exponential_with_full_jitter(store: Store) -> None:
+    put(store, ["m v=1i 1", "m v=2i 2"])
+    high = EdgeRng("high")
+    fwd, delays, logs = await _delays(store, high)
+    assert delays == LADDER  # the top of each range: doubling, then the cap
+    assert high.ranges == [(0.0, c) for c in LADDER]  # full jitter: every range starts at 0
+    assert fwd.backoffs == 12
     assert store.backlog() == 2 and fwd.written == 0  # nothing acked
-    assert fwd.write_errors >= 12 and not fwd.connected and "connection refused" in fwd.last_error
+    assert fwd.write_errors == 12 and not fwd.connected and "connection refused" in fwd.last_error
     # One warning for the outage, not one per retry.
     assert sum(1 for e in logs if e["log_level"] == "warning") == 1
 
+    _, delays, _ = await _delays(store, EdgeRng("low"))
+    assert delays == [0.0] * 12  # the bottom of each range
+
+    _, delays, _ = await _delays(store, random.Random(7))
+    assert all(0.0 <= d <= c for d, c in zip(delays, LADDER, strict=True))
+    assert len(set(delays)) == 12  # jittered, not a fixed ladder
+
 
 def test_backoff_delay_honours_retry_after(store: Store) -> None:
-    fwd = Forwarder(store, FakeWriter(), backoff_base=0.1, backoff_max=10.0, rng=random.Random(1))
-    assert fwd.backoff_delay(1, retry_after=3.0) >= 3.0
-    assert fwd.backoff_delay(1, retry_after=300.0) == 10.0
-    assert all(fwd.backoff_delay(50) <= 10.0 for _ in range(100))
+    fwd = Forwarder(store, FakeWriter(), backoff_base=0.1, backoff_max=10.0, rng=EdgeRng("low"))  # type: ignore[arg-type]
+    assert fwd.backoff_delay(1, retry_after=3.0) == 3.0  # the server's wish beats a shorter draw
+    assert fwd.backoff_delay(1, retry_after=300.0) == 10.0  # but not the cap
+    fwd.rng = EdgeRng("high")  # type: ignore[assignment]
+    assert fwd.backoff_delay(1, retry_after=0.01) == 0.1  # nor a longer draw
+    assert fwd.backoff_delay(50) == fwd.backoff_delay(10_000) == 10.0  # capped, no overflow
 
 
 async def test_recovers_after_failures(store: Store) -> None:
@@ -135,7 +166,7 @@ async def test_recovers_after_failures(store: Store) -> None:
 
     fwd = Forwarder(store, writer, sleep=fake_sleep)
     await drain(fwd, store, timeout=5)
-    assert fwd.written == 10 and fwd.connected and fwd.write_errors == 1
+    assert fwd.written == 10 and fwd.connected and fwd.write_errors == 1 and fwd.backoffs == 1
 
 
 async def test_unexpected_writer_error_is_a_failed_write(store: Store) -> None:
@@ -158,22 +189,50 @@ async def test_unexpected_writer_error_is_a_failed_write(store: Store) -> None:
     assert any(e["log_level"] == "error" for e in logs)
 
 
-async def test_idle_store_does_not_busy_loop_and_wake_ships_promptly(store: Store) -> None:
-    calls = 0
+def count_reads(store: Store) -> list[int]:
+    """Count ``store.oldest`` calls (the forwarder's reads); the list's one item is the count."""
+    calls = [0]
     real_oldest = store.oldest
 
     def counting_oldest(*a, **k):
-        nonlocal calls
-        calls += 1
+        calls[0] += 1
         return real_oldest(*a, **k)
 
     store.oldest = counting_oldest  # type: ignore[method-assign]
+    return calls
+
+
+async def test_idle_store_is_read_once_per_poll_not_in_a_loop(store: Store) -> None:
+    reads = count_reads(store)
+    polls: list[float] = []
+    stop = asyncio.Event()
+
+    async def fake_sleep(s: float) -> None:  # each idle poll "lasts" its 5 s at once
+        polls.append(s)
+        if len(polls) == 3:
+            stop.set()
+        await asyncio.sleep(0)
+
+    fwd = Forwarder(store, FakeWriter(), idle_poll_s=5.0, sleep=fake_sleep)
+    await asyncio.wait_for(fwd.run(stop), 5)
+    assert polls == [5.0, 5.0, 5.0] and reads[0] == 3  # one read per 5 s poll, nothing between
+    assert fwd.backoffs == 0
+
+
+async def test_wake_ships_promptly_without_waiting_for_the_poll(store: Store) -> None:
+    reads = count_reads(store)
+    idle = asyncio.Event()
+
+    async def endless_poll(s: float) -> None:  # a poll that never comes: only wake() can help
+        idle.set()
+        await asyncio.Event().wait()
+
     writer = FakeWriter()
-    fwd = Forwarder(store, writer, idle_poll_s=5.0)
+    fwd = Forwarder(store, writer, idle_poll_s=5.0, sleep=endless_poll)
     stop = asyncio.Event()
     task = asyncio.create_task(fwd.run(stop))
-    await asyncio.sleep(0.3)
-    assert calls <= 2
+    await asyncio.wait_for(idle.wait(), 2)
+    assert reads[0] == 1
     put(store, ["m v=1i 1"])
     fwd.wake()
     t = time.monotonic()
@@ -201,12 +260,14 @@ async def test_stop_is_prompt_even_mid_write(store: Store) -> None:
 async def test_stop_is_prompt_during_backoff(store: Store) -> None:
     put(store, ["m v=1i 1"])
     fwd = Forwarder(store, FakeWriter(fail=WriteFailed("down")), backoff_base=1000, backoff_max=1000,
-                    rng=random.Random(3))
+                    rng=EdgeRng("high"))  # type: ignore[arg-type]
     stop = asyncio.Event()
     task = asyncio.create_task(fwd.run(stop))
-    await asyncio.sleep(0.2)
-    stop.set()
-    await asyncio.wait_for(task, 1)
+    with capture_logs():
+        await asyncio.wait_for(fwd.backing_off.wait(), 2)  # in a 1000 s backoff now
+        stop.set()
+        await asyncio.wait_for(task, 1)
+    assert fwd.backoffs == 1 and not fwd.backing_off.is_set() and store.backlog() == 1
 
 
 async def test_rejected_lines_are_quarantined_and_the_rest_flows(store: Store) -> None:
@@ -453,9 +514,16 @@ async def test_hostile_values_read_back_as_documented_on_victoriametrics(service
 
 
 async def _wait_backlog_zero(store: Store, timeout: float) -> None:
+    await wait_until(lambda: store.backlog() == 0, timeout, "an empty store")
+
+
+async def wait_until(predicate, timeout: float, what: str) -> None:
+    """Poll real I/O (a server answering or refusing) until ``predicate()``; fail after ``timeout``."""
     end = time.monotonic() + timeout
-    while store.backlog() and time.monotonic() < end:
-        await asyncio.sleep(0.05)
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        await asyncio.sleep(0.02)
 
 
 @pytest_integration
@@ -479,9 +547,10 @@ async def test_outage_backs_off_keeps_everything_and_delivers_exactly_once(servi
             for k in range(1, 6):  # five ticks' worth while the server is down
                 fill(store, points[k * 100:(k + 1) * 100])
                 fwd.wake()
-                await asyncio.sleep(0.3)
+                before = fwd.backoffs
+                await wait_until(lambda b=before: fwd.backoffs > b, 10, "a failed write and a backoff")
         assert fwd.written == 100 and store.backlog() == 500  # nothing acked while down
-        assert fwd.write_errors >= 3 and not fwd.connected and fwd.last_error
+        assert fwd.backoffs >= 5 and fwd.write_errors >= 5 and not fwd.connected and fwd.last_error
         assert any(e["log_level"] == "warning" for e in logs)
     finally:
         await asyncio.to_thread(services.start, server)

@@ -24,6 +24,8 @@ from agentd.daemon import Daemon, open_store
 from agentd.service import make_forwarder
 from collectors.sim import SimBackend
 
+pytestmark = pytest.mark.integration  # every test here runs against the real servers
+
 GPUS = 4
 
 
@@ -171,14 +173,16 @@ def test_sigkill_mid_run_then_restart_ships_every_committed_point(services, tmp_
     assert committed, "the killed daemon left nothing committed"
     last_committed_id = committed[-1][0]
 
-    # Second run on the same state directory: replays the backlog, then shuts down cleanly.
+    # Second run on the same state directory: replays the backlog, commits ticks of its own, then
+    # shuts down cleanly (SIGTERM: the flush on stop must ship those too).
     second = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while any(row_id <= last_committed_id for row_id, _ in _rows(store_path)):
+    own_ticks = 3 * (GPUS + 1)  # rows: three ticks of gpu points + agent point
+    while (any(row_id <= last_committed_id for row_id, _ in _rows(store_path))
+           or _last_id(store_path) < last_committed_id + own_ticks):
         assert second.poll() is None, second.stderr.read().decode()
-        assert time.monotonic() < deadline, "backlog not drained"
+        assert time.monotonic() < deadline, "backlog not drained, or no new ticks committed"
         time.sleep(0.1)
-    time.sleep(0.5)
     second.send_signal(signal.SIGTERM)
     assert second.wait(20) == 0, second.stderr.read().decode()
     assert _rows(store_path) == []  # flushed on the clean stop
@@ -187,11 +191,23 @@ def test_sigkill_mid_run_then_restart_ships_every_committed_point(services, tmp_
     ticks = vm_values(services, "agent_tick_s", node)
     # every tick committed gpu + agent points in one transaction: none half-shipped
     assert len(power) == GPUS * len(ticks)
-    # every point the killed daemon had committed is in the server
+    # every point the killed daemon had committed is in the server, and the second run's own
+    committed_ticks = 0
     for _, line in committed:
         if line.startswith("agent,"):
+            committed_ticks += 1
             ts_ms = int(line.rsplit(" ", 1)[1]) // 10**6
             assert ("", ts_ms) in ticks
+    assert len(ticks) >= committed_ticks + 3
+
+
+def _last_id(path: Path) -> int:
+    """The highest row id the store ever gave out (ids are AUTOINCREMENT: never reused)."""
+    if not path.exists():
+        return 0
+    with sqlite3.connect(path) as db:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'points'").fetchone()
+    return row[0] if row else 0
 
 
 def _rows(path: Path) -> list[tuple[int, str]]:

@@ -13,9 +13,10 @@ import uuid
 
 import pytest
 
+from tests.conftest import unmarked_server_tests
 from tests.services import SCRIPT, ServiceError, Services
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
 
 def _post(url: str, body: str) -> int:
@@ -51,6 +52,7 @@ def _unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
 
+@integration
 def test_mqtt_broker_accepts_a_connection(services: Services) -> None:
     # A bare MQTT 3.1.1 CONNECT (clean session, keepalive 60 s); the broker must CONNACK 0.
     client_id = b"agentd-test"
@@ -62,6 +64,7 @@ def test_mqtt_broker_accepts_a_connection(services: Services) -> None:
         assert s.recv(4) == b"\x20\x02\x00\x00"
 
 
+@integration
 def test_influx1_write_then_influxql_reads_it_back(services: Services, influx1_db: str) -> None:
     ts = time.time_ns() - 5_000_000_123  # a few seconds ago, with sub-ms digits
     qs = urllib.parse.urlencode({"db": influx1_db, "precision": "ns"})
@@ -84,6 +87,7 @@ def test_influx1_write_then_influxql_reads_it_back(services: Services, influx1_d
     assert services.influx1_count("absent", influx1_db) == 0
 
 
+@integration
 def test_influx1_query_error_carries_the_server_text(services: Services, influx1_db: str) -> None:
     with pytest.raises(ServiceError, match="database not found"):
         services.influx1_query("SELECT * FROM gpu", "no_such_db_" + uuid.uuid4().hex[:6])
@@ -91,6 +95,7 @@ def test_influx1_query_error_carries_the_server_text(services: Services, influx1
         services.influx1_query("SELEC nonsense", influx1_db)
 
 
+@integration
 def test_influx1_db_fixture_gives_a_fresh_database(services: Services, influx1_db: str) -> None:
     [series] = services.influx1_query("SHOW DATABASES")["results"][0]["series"]
     names = [row[0] for row in series["values"]]
@@ -98,6 +103,7 @@ def test_influx1_db_fixture_gives_a_fresh_database(services: Services, influx1_d
     assert services.influx1_count("gpu", influx1_db) == 0
 
 
+@integration
 def test_vm_v2_write_reads_back_exact_values_and_ms_timestamps(services: Services) -> None:
     m = _unique("itest")
     ts = time.time_ns() - 7_654_321  # sub-ms digits VM must truncate, not round
@@ -117,6 +123,7 @@ def test_vm_v2_write_reads_back_exact_values_and_ms_timestamps(services: Service
     assert reasons["values"] == [4]
 
 
+@integration
 def test_vm_collapses_a_replayed_write(services: Services) -> None:
     m = _unique("itest")
     t0 = time.time_ns() - 10_000_000_000
@@ -132,9 +139,8 @@ def test_vm_collapses_a_replayed_write(services: Services) -> None:
     assert series["timestamps"] == [t0 // 1_000_000, t0 // 1_000_000 + 1000]
 
 
-def test_influx1_data_survives_a_restart_on_the_same_port(
-    services: Services, influx1_db: str
-) -> None:
+@integration
+def test_influx1_data_survives_a_restart_on_the_same_port(services: Services, influx1_db: str) -> None:
     ts = time.time_ns() - 1_000_000_000
     services.influx1_write(influx1_db, f"agent,host=n1 tick_s=0.5 {ts}")
     before = _script_env(services)
@@ -150,6 +156,7 @@ def test_influx1_data_survives_a_restart_on_the_same_port(
     assert services.influx1_rows("agent", influx1_db) == [{"time": ts, "host": "n1", "tick_s": 0.5}]
 
 
+@integration
 def test_vm_data_survives_a_restart(services: Services) -> None:
     m = _unique("itest")
     ts = time.time_ns() - 1_000_000_000
@@ -164,3 +171,25 @@ def test_vm_data_survives_a_restart(services: Services) -> None:
     [series] = services.vm_export(f'{{__name__="{m}_f"}}')
     assert series["values"] == [7]
     assert series["timestamps"] == [ts // 1_000_000]
+
+
+class _Item:
+    """Just what the marker check reads of a pytest.Item."""
+
+    def __init__(self, nodeid: str, fixturenames: list[str], marks: tuple[str, ...] = ()) -> None:
+        self.nodeid, self.fixturenames, self._marks = nodeid, fixturenames, marks
+
+    def get_closest_marker(self, name: str) -> object | None:
+        return pytest.mark.integration.mark if name in self._marks else None
+
+
+def test_the_marker_check_names_every_unmarked_server_test() -> None:
+    items = [
+        _Item("a::uses_broker", ["services", "tmp_path"]),
+        _Item("a::uses_db", ["influx1_db"]),  # influx1_db brings services with it
+        _Item("a::marked", ["services", "influx1_db"], ("integration",)),
+        _Item("a::no_server", ["tmp_path"]),
+        _Item("a::other_mark", ["services"], ("asyncio",)),
+    ]
+    assert unmarked_server_tests(items) == ["a::uses_broker", "a::uses_db", "a::other_mark"]  # type: ignore[arg-type]
+

@@ -1,8 +1,13 @@
 """The simulator: deterministic for a seed, power under the limit, physics that responds."""
 
+import math
+
 import pytest
 
+from collectors.base import GpuBackend
+from collectors.nvml import NvmlBackend
 from collectors.sim import MAX_W, MIN_W, SimBackend
+from tests.fake_pynvml import FakeNvml
 
 S = 10**9
 
@@ -32,9 +37,16 @@ def test_power_never_exceeds_the_limit_and_the_limit_shows_as_throttling():
     for k in range(200):
         for s in sim.sample(k * S // 2):
             assert s.power_w <= 400.0 and s.limit_w == 400.0
-    # in the compute phase of a training step the cap binds
+    # in the compute phase of a training step (demand ~690 W) the cap binds on every GPU
     compute = sim.sample(200 * S // 2 + S)
-    assert all(s.throttled for s in compute if s.power_w == 400.0)
+    assert [s.power_w for s in compute] == [400.0] * 4
+    assert [s.throttled for s in compute] == [True] * 4
+    # at the full limit only the GPUs whose demand (690 W + noise) reaches 700 W are held down
+    for i in range(4):
+        sim.set_power_limit(i, MAX_W)
+    uncapped = sim.sample(200 * S // 2 + 2 * S)
+    assert [s.throttled for s in uncapped] == [s.power_w == MAX_W for s in uncapped]
+    assert {s.throttled for s in uncapped} == {True, False}  # this seed has both kinds
 
 
 def test_energy_integrates_power():
@@ -64,6 +76,48 @@ def test_limits_outside_the_constraints_are_refused():
         with pytest.raises(ValueError):
             sim.set_power_limit(0, bad)
     assert sim.writes == []
+    sim.set_power_limit(0, 450)
+    assert sim.writes == [(0, 450.0)] and sim.limits_w() == {0: 450.0}
+
+
+def test_every_attempted_write_is_recorded_as_passed():
+    sim = SimBackend(gpus=2)
+    sim.open()
+    tries = [(0, 450), (1, math.nan), (1, 300.5), (5, 400.0), (-1, 400.0), (0, MAX_W + 1)]
+    for index, watts in tries:
+        try:
+            sim.set_power_limit(index, watts)
+        except ValueError:
+            pass
+    assert repr(sim.attempts) == repr(tries)  # as text, since NaN != NaN; 450 stays an int
+    assert type(sim.attempts[0][1]) is int  # as passed, not converted
+    assert sim.writes == [(0, 450.0), (1, 300.5)]
+
+
+def _backend(kind: str) -> GpuBackend:
+    """The simulator and the NVML collector (over the fake) with the same 200..700 W envelope."""
+    backend: GpuBackend = SimBackend(gpus=2) if kind == "sim" else NvmlBackend(FakeNvml.with_gpus(2))
+    backend.open()
+    return backend
+
+
+@pytest.mark.parametrize("kind", ["sim", "nvml"])
+@pytest.mark.parametrize("watts", [199.99, 700.01, 0, -5, math.nan, math.inf, -math.inf, 1e9])
+def test_both_backends_refuse_the_same_limits(kind: str, watts: float):
+    """What the daemon learns about a bad limit must not depend on which backend it runs."""
+    backend = _backend(kind)
+    with pytest.raises(ValueError, match="outside the device's range"):
+        backend.set_power_limit(0, watts)
+
+
+@pytest.mark.parametrize("kind", ["sim", "nvml"])
+@pytest.mark.parametrize("index", [2, -1, 100])
+def test_both_backends_refuse_an_unknown_gpu(kind: str, index: int):
+    backend = _backend(kind)
+    with pytest.raises(ValueError, match=f"no GPU with index {index}"):
+        backend.set_power_limit(index, 400.0)
+    backend.set_power_limit(1, MIN_W)  # the bounds themselves are fine on both
+    backend.set_power_limit(1, MAX_W)
 
 
 @pytest.mark.parametrize("profile", ["idle", "training", "inference"])
