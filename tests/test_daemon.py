@@ -73,7 +73,8 @@ async def test_a_hung_nvml_call_skips_readings_but_never_stalls_the_tick(tmp_pat
     await daemon.tick()  # the worker is still stuck: skipped at once, counted
     assert daemon.stats.nvml_errors == 2 and backend.calls == 3
     backend.release.set()
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(asyncio.shield(daemon._inflight), 10)  # the stuck call returns
+    assert not daemon.nvml_busy
     await daemon.tick()
     assert daemon.stats.ticks == 5
     store = daemon.store
