@@ -42,6 +42,7 @@ from collectors.base import GpuBackend, GpuSample, LimitWriteError
 log = structlog.get_logger("agentd.actuator")
 
 ORIGINALS_FILE = "original_limits.json"
+ORIGINALS_VERSION = 2  # 1: a bare {uuid: record} map (gpu-agentd 0.1); 2: {"version", "gpus"}
 TOLERANCE_W = 1.0  # read-back vs written: drivers may round a written limit
 CHANGE_W = 0.01  # smaller target changes are not worth a write
 RETRY_MIN_S = 5.0  # first retry after a refused write (not NO_PERMISSION) ...
@@ -264,18 +265,27 @@ class Actuator:
 
     def load_originals(self) -> dict[str, dict]:
         """The persisted records (empty when none): what a crashed run left to restore."""
+        path = self.originals_path
         try:
-            data = json.loads(self.originals_path.read_text())
+            data = json.loads(path.read_text())
         except FileNotFoundError:
-            data = {}
+            data = {"version": ORIGINALS_VERSION, "gpus": {}}
         except (OSError, ValueError) as exc:
-            raise OSError(f"{self.originals_path}: unreadable ({exc}); the original limits cannot be "
+            raise OSError(f"{path}: unreadable ({exc}); the original limits cannot be "
                           "restored from it: check the GPUs' limits with nvidia-smi and remove the file") from exc
-        if not isinstance(data, dict) or not all(
-                isinstance(r, dict) and isinstance(r.get("limit_w"), (int, float)) for r in data.values()):
-            raise OSError(f"{self.originals_path}: not a map of GPU UUID -> {{\"limit_w\": W, ...}}; check "
+        if isinstance(data, dict) and "version" not in data:
+            data = {"version": 1, "gpus": data}  # written by gpu-agentd 0.1: same records, no header
+        version = data.get("version") if isinstance(data, dict) else None
+        if isinstance(version, int) and version > ORIGINALS_VERSION:
+            raise OSError(f"{path}: format version {version} is newer than this agentd understands "
+                          f"({ORIGINALS_VERSION}); it was written by a newer gpu-agentd: run that version's "
+                          "`agentd restore-limits`, or upgrade this one; the file is left as it is")
+        records = data.get("gpus") if isinstance(data, dict) else None
+        if not isinstance(records, dict) or not all(
+                isinstance(r, dict) and isinstance(r.get("limit_w"), (int, float)) for r in records.values()):
+            raise OSError(f"{path}: not a map of GPU UUID -> {{\"limit_w\": W, ...}}; check "
                           "the GPUs' limits with nvidia-smi and remove the file")
-        self._originals = data
+        self._originals = records
         return self._originals
 
     def _remember(self, sample: GpuSample, baseline_w: float) -> bool:
@@ -303,8 +313,9 @@ class Actuator:
     def _save_originals(self) -> None:
         """Write the records atomically (tmp + fsync + rename); no file when none are held.
 
-        A record: ``{"index": last index seen, "limit_w": baseline, "saved_at": wall s,
-        "missing_since": wall s}`` (the last only while its GPU is absent).
+        The file: ``{"version": 2, "gpus": {uuid: record}}``; a record: ``{"index": last index
+        seen, "limit_w": baseline, "saved_at": wall s, "missing_since": wall s}`` (the last only
+        while its GPU is absent). Version 1 files (a bare map of records) are read as well.
         """
         path = self.originals_path
         if not self._originals:
@@ -312,7 +323,7 @@ class Actuator:
             return
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as fh:
-            json.dump(self._originals, fh, indent=1, sort_keys=True)
+            json.dump({"version": ORIGINALS_VERSION, "gpus": self._originals}, fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

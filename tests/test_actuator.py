@@ -78,10 +78,10 @@ def test_originals_are_persisted_before_the_first_write_and_restored_on_stop(tmp
     fake, backend = node(2, limit_mw=650_000)
     act = Actuator(backend, tmp_path)
     act.apply({0: 400.0}, tick(backend))
-    saved = json.loads((tmp_path / ORIGINALS_FILE).read_text())
+    saved = json.loads((tmp_path / ORIGINALS_FILE).read_text())["gpus"]
     assert saved == {fake.gpus[0].uuid: {"index": 0, "limit_w": 650.0, "saved_at": saved[fake.gpus[0].uuid]["saved_at"]}}
     act.apply({0: 300.0}, tick(backend))  # a second write keeps the first original
-    assert json.loads((tmp_path / ORIGINALS_FILE).read_text()) == saved
+    assert json.loads((tmp_path / ORIGINALS_FILE).read_text())["gpus"] == saved
     assert act.restore(uuids(fake)) == {fake.gpus[0].uuid: "restored 650 W"}
     assert fake.gpus[0].limit_mw == 650_000 and fake.gpus[1].attempts == []
     assert not (tmp_path / ORIGINALS_FILE).exists()

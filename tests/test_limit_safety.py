@@ -61,7 +61,7 @@ async def ticks(daemon, n=1):
 
 def originals(tmp_path):
     path = tmp_path / ORIGINALS_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return json.loads(path.read_text())["gpus"] if path.exists() else {}
 
 
 async def test_an_operator_raise_is_never_undone_when_no_rule_fires(tmp_path):
@@ -305,3 +305,29 @@ def test_the_nvml_worker_runs_calls_in_order_and_reports_errors():
 
     order, results, alive = asyncio.run(main_())
     assert order == list(range(20)) and results == list(range(20)) and not alive
+
+
+def test_a_version_1_originals_file_from_gpu_agentd_0_1_is_restored(tmp_path):
+    """The fixture is what 0.1 wrote (a bare uuid -> record map) after capping GPU 0 from 650 W."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parent / "fixtures/state/original_limits_v1.json", tmp_path / ORIGINALS_FILE)
+    fake = FakeNvml.with_gpus(1, limit_mw=300_000)
+    backend = NvmlBackend(fake)
+    backend.open()
+    act = Actuator(backend, tmp_path)
+    assert act.load_originals()[fake.gpus[0].uuid]["limit_w"] == 650.0
+    assert act.restore({fake.gpus[0].uuid: 0}) == {fake.gpus[0].uuid: "restored 650 W"}
+    assert fake.gpus[0].limit_mw == 650_000 and not (tmp_path / ORIGINALS_FILE).exists()
+
+
+def test_an_originals_file_from_a_newer_version_is_refused_and_left_alone(tmp_path):
+    import pytest
+
+    text = json.dumps({"version": 99, "gpus": {}})
+    (tmp_path / ORIGINALS_FILE).write_text(text)
+    fake = FakeNvml.with_gpus(1)
+    with pytest.raises(OSError, match="format version 99 is newer"):
+        Actuator(NvmlBackend(fake), tmp_path).load_originals()
+    assert (tmp_path / ORIGINALS_FILE).read_text() == text
