@@ -69,7 +69,7 @@ def run(config_path: Path | None) -> None:
     cfg = _load_or_exit(config_path)
     setup_logging(cfg.log_level)
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, config_path))
     except RuleLoadError as exc:  # a site rule file is wrong: say where, like check-config
         for line in exc.errors:
             click.echo(line, err=True)

@@ -63,6 +63,18 @@ class Controller:
         return cls(Engine(rule_set, params), Ramp(rise_w_per_s=rise_w_per_s, hold_s=hold_s,
                                                   rng=random.Random(seed), max_step_s=2 * interval_s))
 
+    def adopt(self, old: "Controller") -> list[str]:
+        """Carry ``old``'s state into this (reloaded) controller: rule states of unchanged rules,
+        the ramp's position and hold timers, and the baselines. Returns the rules kept."""
+        kept = self.engine.adopt_states(old.engine)
+        old.ramp.rise_w_per_s = self.ramp.rise_w_per_s
+        old.ramp.hold_s = self.ramp.hold_s
+        old.ramp.max_step_s = self.ramp.max_step_s
+        self.ramp = old.ramp
+        self.applied_w = old.applied_w
+        self._baselines_w = old._baselines_w
+        return kept
+
     def step(self, now: float, samples: Mapping[int, GpuSample], node_signals: Mapping[str, Any],
              stale: frozenset[str] = frozenset(),
              baselines_w: Mapping[int, float] | None = None) -> ControlStep:

@@ -29,6 +29,8 @@ from agentd.control import ControlStep, Controller, coolant_signals, load_rules
 from agentd.coolant_ingest import CoolantIngest
 from agentd.lineproto import encode
 from agentd.points import agent_point, gpu_point, throttle_event_point
+from agentd.log import setup_logging
+from agentd.reload import ReloadError, prepare
 from agentd.store import Store, StoreError
 from agentd.worker import SerialWorker
 from collectors.base import BackendError, GpuBackend, GpuInfo, GpuSample
@@ -124,8 +126,10 @@ class Daemon:
     """One node's agent. ``run`` is the daemon; ``tick`` is one step, callable from tests."""
 
     def __init__(self, cfg: AgentConfig, backend: GpuBackend, store: Store, *,
-                 forwarder: Any | None = None, clock: Clock | None = None) -> None:
+                 forwarder: Any | None = None, clock: Clock | None = None,
+                 config_path: Path | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path  # what a reload re-reads (None: $AGENTD_CONFIG or the default)
         self.backend = backend
         self.store = store
         self.forwarder = forwarder
@@ -147,6 +151,11 @@ class Daemon:
         self._rule_errors: dict[str, str] = {}  # unhealthy rule -> the error last logged
         self._inflight: concurrent.futures.Future | None = None
         self._ready_sent = False
+        self._status_sent: str | None = None
+        self._reload_requested = False
+        self.hurry = asyncio.Event()  # a second SIGTERM: cut the flush short
+        self._mqtt_stop = asyncio.Event()
+        self._mqtt_task: asyncio.Task | None = None
         # Retention only applies when the store is the embedded database, not an outage buffer.
         self._retention_s = None if cfg.influx.url else cfg.store.retention_s
 
@@ -325,10 +334,22 @@ class Daemon:
         self.stats.tick_s = self.clock.monotonic() - started
         if samples is None:
             return  # no reading this tick: systemd's watchdog is fed only by good ticks
+        status = self.status_line()
         if not self._ready_sent:
             self._ready_sent = True
-            sdnotify.notify("READY=1\nSTATUS=collecting")
-        sdnotify.notify("WATCHDOG=1")
+            sdnotify.ready(status)
+        sdnotify.watchdog(status if status != self._status_sent else None)
+        self._status_sent = status
+
+    def status_line(self) -> str:
+        """systemd's one-line STATUS=: what an operator sees in ``systemctl status agentd``."""
+        gpus = sum(1 for s in self.state.gpus.values() if s.healthy)
+        step = self.last_step
+        firing = len(step.evaluation.firing()) if step is not None else 0
+        capped = sum(1 for c in self.actuator.controls.values() if c.set_w is not None)
+        mode = " (dry run)" if self.cfg.dry_run else ""
+        return (f"{gpus}/{len(self.state.gpus)} GPUs, {firing} rules firing, {capped} GPUs capped{mode}, "
+                f"store backlog {self.store.backlog()}")
 
     def _store(self, lines: list[tuple[int, str]]) -> None:
         """Append to the store; a failing disk is counted and logged, and protection goes on."""
@@ -366,19 +387,19 @@ class Daemon:
         """Tick at a fixed rate until ``stop`` is set (or ``max_ticks``), then shut down cleanly.
 
         The schedule is fixed-rate (tick k at start + k * interval); when a tick overruns, the
-        missed slots are skipped and counted rather than run back to back.
+        missed slots are skipped and counted rather than run back to back. A requested reload
+        runs between two ticks.
         """
-        interval = self.cfg.interval
         fw_task = None
         if self.forwarder is not None:
             fw_task = asyncio.create_task(self._forward(stop), name="forwarder")
-        mqtt_stop = asyncio.Event()
-        mqtt_task = None
-        if self.mqtt is not None:
-            mqtt_task = asyncio.create_task(self.mqtt.run(mqtt_stop), name="mqtt")
+        self._start_mqtt()
         try:
             next_at = self.clock.monotonic()
             while not stop.is_set() and (max_ticks is None or self.stats.ticks < max_ticks):
+                if self._reload_requested:
+                    await self.reload()
+                interval = self.cfg.interval
                 self.stats.tick_lag_s = max(0.0, self.clock.monotonic() - next_at)
                 await self.tick()
                 next_at += interval
@@ -390,11 +411,60 @@ class Daemon:
                     log.warning("ticks_missed", missed=missed, interval_s=interval)
                 await self._sleep_or_stop(next_at - now, stop)
         finally:
-            sdnotify.notify("STOPPING=1")
+            sdnotify.stopping()
             try:
-                await self.stop_mqtt(mqtt_task, mqtt_stop)
+                await self.stop_mqtt(self._mqtt_task, self._mqtt_stop)
             finally:
                 await self.shutdown(fw_task)
+
+    def _start_mqtt(self) -> None:
+        self._mqtt_stop = asyncio.Event()
+        self._mqtt_task = None
+        if self.mqtt is not None:
+            self._mqtt_task = asyncio.create_task(self.mqtt.run(self._mqtt_stop), name="mqtt")
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload the configuration and rules at the next tick boundary."""
+        self._reload_requested = True
+
+    async def reload(self) -> bool:
+        """Re-read config and rules off the loop; swap a valid set in, keep the old on any error.
+
+        Kept across a reload: rule states of unchanged rules, the ramp, baselines, applied
+        limits and originals (the actuator is untouched), the store and its backlog, the
+        forwarder, and the MQTT connection unless ``mqtt`` changed.
+        """
+        self._reload_requested = False
+        sdnotify.reloading()
+        try:
+            candidate = await asyncio.to_thread(
+                prepare, self.config_path, self.cfg,
+                lambda c: make_controller(c, coolant_fed=bool(c.coolant.subscriptions)))
+        except ReloadError as exc:
+            for line in exc.errors:
+                log.error("reload_rejected", error=line)
+            log.error("reload_rejected", errors=len(exc.errors), config=str(self.config_path or "(default)"),
+                      hint="the running configuration and rules are kept; fix them (agentd check-config) "
+                           "and reload again")
+            sdnotify.ready(f"reload rejected ({len(exc.errors)} errors); running the previous configuration")
+            return False
+        if candidate.needs_restart:
+            log.warning("reload_needs_restart", settings=candidate.needs_restart,
+                        hint="kept at their running values; restart agentd to apply them")
+        kept: list[str] = []
+        if candidate.controller is not None and self.controller is not None:
+            kept = candidate.controller.adopt(self.controller)
+        old, self.cfg, self.controller = self.cfg, candidate.cfg, candidate.controller
+        if self.cfg.log_level != old.log_level:
+            setup_logging(self.cfg.log_level)
+        if self.cfg.mqtt != old.mqtt:
+            await self.stop_mqtt(self._mqtt_task, self._mqtt_stop)
+            self.mqtt = make_mqtt_link(self.cfg, self.coolant)
+            self._start_mqtt()
+        rules = self.controller.engine.rule_set.rules if self.controller is not None else []
+        log.info("reloaded", changed=candidate.changed, rules=len(rules), rule_states_kept=len(kept))
+        sdnotify.ready(self.status_line())
+        return True
 
     async def _forward(self, stop: asyncio.Event) -> None:
         """The forwarder, restarted if it ever fails: readings wait in the store meanwhile."""
@@ -440,8 +510,16 @@ class Daemon:
             fw_task.cancel()
             await asyncio.gather(fw_task, return_exceptions=True)
         if self.forwarder is not None:
+            flush = asyncio.ensure_future(self.forwarder.flush(FLUSH_ON_STOP_S))
+            hurry = asyncio.ensure_future(self.hurry.wait())
+            await asyncio.wait({flush, hurry}, return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+            if not flush.done():
+                flush.cancel()  # only acked batches leave the store: nothing is lost
             try:
-                await self.forwarder.flush(FLUSH_ON_STOP_S)
+                await flush
+            except asyncio.CancelledError:
+                log.warning("flush_cut_short", store_backlog=self.store.backlog())
             except Exception as exc:  # what is left stays in the store for the next start
                 log.error("flush_failed", error=repr(exc))
             finally:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+from pathlib import Path
 
 import structlog
 
@@ -15,11 +16,24 @@ from agentd.daemon import Daemon, make_backend, open_store
 log = structlog.get_logger("agentd")
 
 
-def install_stop_handlers(stop: asyncio.Event) -> None:
-    """SIGTERM and SIGINT set ``stop``: the daemon finishes its tick, flushes and exits."""
+def install_stop_handlers(stop: asyncio.Event, hurry: asyncio.Event | None = None) -> None:
+    """SIGTERM and SIGINT set ``stop``: the daemon finishes its tick, restores, flushes and exits.
+
+    A second one sets ``hurry``: the bounded flush is cut short (what is unsent stays in the
+    store, committed, for the next start); restoring the GPUs is never skipped.
+    """
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set() and hurry is not None and not hurry.is_set():
+            log.warning("stop_hurried", signal=sig.name, hint="unsent readings stay in the store")
+            hurry.set()
+        elif not stop.is_set():
+            log.info("stopping", signal=sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
 
 
 def make_forwarder(cfg: AgentConfig, store):
@@ -32,12 +46,13 @@ def make_forwarder(cfg: AgentConfig, store):
                      backoff_max=cfg.influx.backoff_max)
 
 
-async def serve(cfg: AgentConfig) -> None:
-    """Run the daemon until SIGTERM/SIGINT."""
+async def serve(cfg: AgentConfig, config_path: Path | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT; SIGHUP reloads ``config_path`` and the rules."""
     stop = asyncio.Event()
-    install_stop_handlers(stop)
     store = open_store(cfg)
-    daemon = Daemon(cfg, make_backend(cfg), store, forwarder=make_forwarder(cfg, store))
+    daemon = Daemon(cfg, make_backend(cfg), store, forwarder=make_forwarder(cfg, store), config_path=config_path)
+    install_stop_handlers(stop, daemon.hurry)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.request_reload)
     await daemon.start()
     log.info("started", interval_s=cfg.interval, state_dir=str(cfg.state_dir),
              influx=cfg.influx.url or "none (local store only)")

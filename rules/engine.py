@@ -387,6 +387,28 @@ class Engine:
     def states(self) -> Mapping[tuple[str, int | None], Instance]:
         return self._states_view
 
+    def adopt_states(self, old: "Engine") -> list[str]:
+        """Take over the rule instances of ``old`` for every rule whose definition is unchanged
+        (a reload must not reset a firing cap or a pending ``for``); returns their names.
+
+        A rule whose text changed starts afresh (its windows may differ); a rule that is gone
+        takes its instances with it. Param changes keep the state: the next evaluation applies
+        the new values (a firing rule then clears through its own ``clear_for``).
+        """
+        kept: list[str] = []
+        for cr in self._rules:
+            prev = old._by_name.get(cr.name)
+            if prev is None or prev.rule.model_dump() != cr.rule.model_dump():
+                continue
+            cr.instances = prev.instances
+            for gpu, inst in prev.instances.items():
+                self._states[(cr.name, gpu)] = inst
+                if inst.state is FIRING:
+                    self._firing[(cr.name, gpu)] = inst
+            self._health[cr.name] = old._health[cr.name]
+            kept.append(cr.name)
+        return kept
+
     @property
     def health(self) -> Mapping[str, RuleHealth]:
         """Per rule name: healthy or not, with its last error."""
