@@ -13,7 +13,6 @@ than trusted.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from agentd.actuator import Actuator
 from agentd.control import ControlStep, Controller, coolant_signals, load_rules
 from agentd.coolant_ingest import CoolantIngest
 from agentd.lineproto import encode
-from agentd.points import agent_point, gpu_point, throttle_event_point
+from agentd.points import FieldValue, agent_point, gpu_point, throttle_event_point
 from agentd.log import setup_logging
 from agentd.reload import ReloadError, prepare
 from agentd.store import Store, StoreError
@@ -149,7 +148,7 @@ class Daemon:
         # never keeps the process from exiting (agentd.worker).
         self._nvml = SerialWorker("nvml")
         self._rule_errors: dict[str, str] = {}  # unhealthy rule -> the error last logged
-        self._inflight: concurrent.futures.Future | None = None
+        self._inflight: asyncio.Future[Any] | None = None
         self._ready_sent = False
         self._status_sent: str | None = None
         self._reload_requested = False
@@ -204,8 +203,8 @@ class Daemon:
     async def _on_nvml_thread(self, timeout_s: float, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the one NVML thread; raises TimeoutError (the call keeps running there)."""
         loop = asyncio.get_running_loop()
-        self._inflight = loop.run_in_executor(self._nvml, fn, *args)  # type: ignore[assignment]
-        return await asyncio.wait_for(asyncio.shield(self._inflight), timeout_s)
+        inflight = self._inflight = loop.run_in_executor(self._nvml, fn, *args)
+        return await asyncio.wait_for(asyncio.shield(inflight), timeout_s)
 
     async def _restore_limits(self) -> dict[str, str]:
         """Put back the limits the GPUs had before we took them over (bounded by the NVML timeout)."""
@@ -257,10 +256,12 @@ class Daemon:
             (log.warning if ev.to_state == "firing" else log.info)(
                 "rule_" + ev.to_state, rule=ev.rule, gpu=ev.gpu, severity=ev.severity, value=ev.value,
                 message=ev.message)
-            lines.append((ts_ns, encode(throttle_event_point(
+            line = encode(throttle_event_point(
                 self.host, ts_ns, rule=ev.rule, severity=ev.severity, state=ev.to_state, action=actions,
                 gpu=ev.gpu, value=ev.value, limit_w=control.set_w if control else None,
-                limit_target_w=control.target_w if control else None, message=ev.message))))
+                limit_target_w=control.target_w if control else None, message=ev.message))
+            if line is not None:
+                lines.append((ts_ns, line))
 
     def _note_rule_health(self, step: ControlStep) -> None:
         """Count rule failures; log a rule going unhealthy (or changing error) and recovering once."""
@@ -320,7 +321,9 @@ class Daemon:
                 if line is not None:
                     lines.append((sample.ts_ns, line))
         lines.extend(self.coolant.take_lines())
-        lines.append((ts_ns, encode(agent_point(self.host, ts_ns, self._agent_fields()))))
+        agent_line = encode(agent_point(self.host, ts_ns, self._agent_fields()))
+        if agent_line is not None:
+            lines.append((ts_ns, agent_line))
         self._store(lines)
         if self.forwarder is not None:
             self.forwarder.wake()
@@ -360,7 +363,7 @@ class Daemon:
             log.error("store_append_failed", error=str(exc), lost_points=len(lines),
                       hint="free space in state_dir (or lower store.max_bytes); rules keep acting")
 
-    def _agent_fields(self) -> dict[str, float | int | bool | None]:
+    def _agent_fields(self) -> dict[str, FieldValue]:
         fw = self.forwarder
         return {
             "tick_s": round(self.stats.tick_s, 6),

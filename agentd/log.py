@@ -13,7 +13,7 @@ import logging
 import sys
 import threading
 from types import TracebackType
-from typing import IO, Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -31,7 +31,7 @@ def _pre_chain() -> list[Any]:
     ]
 
 
-def setup_logging(level: str = "info", *, json: bool | None = None, stream: IO[str] | None = None) -> None:
+def setup_logging(level: str = "info", *, json: bool | None = None, stream: TextIO | None = None) -> None:
     """Configure logging for the process (again on a reload). ``json=None`` picks by TTY."""
     stream = stream or sys.stdout
     if json is None:

@@ -248,7 +248,7 @@ class MqttLink:
         if self.handler is None:
             return
         try:
-            self.handler([(m.topic.value, m.payload) for m in messages])  # type: ignore[misc]
+            self.handler([(m.topic.value, m.payload) for m in messages])
         except Exception as exc:  # a handler bug costs this batch, not the connection
             self.handler_errors += 1
             log.error("mqtt_handler_failed", error=repr(exc), messages=len(messages))

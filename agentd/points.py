@@ -7,6 +7,8 @@ from collectors.coolant import Reading
 
 from agentd.lineproto import Point
 
+FieldValue = float | int | bool | str | None  # what a line-protocol field can hold
+
 
 def gpu_point(sample: GpuSample, host: str, limit_set_w: float | None = None,
               limit_target_w: float | None = None) -> Point:
@@ -40,7 +42,7 @@ def gpu_point(sample: GpuSample, host: str, limit_set_w: float | None = None,
     )
 
 
-def agent_point(host: str, ts_ns: int, fields: dict[str, float | int | bool | None]) -> Point:
+def agent_point(host: str, ts_ns: int, fields: dict[str, FieldValue]) -> Point:
     """The ``agent`` self-telemetry measurement (tick cost, backlog, errors)."""
     return Point("agent", {"host": host}, fields, ts_ns)
 
@@ -49,7 +51,7 @@ def coolant_point(reading: Reading, ts_ns: int, extra: dict[str, float] | None =
     """The ``coolant`` measurement for one reading: tags site/loop/unit/point, the canonical
     fields it carries (numbers as floats, ``leak`` a string). ``ts_ns`` is the sender's time when
     it sent one, else the arrival time; ``extra`` adds fields derived from earlier readings."""
-    fields = reading.fields if not extra else {**reading.fields, **extra}
+    fields: dict[str, FieldValue] = {**reading.fields, **(extra or {})}
     return Point(
         "coolant",
         {"site": reading.site, "loop": reading.loop, "unit": reading.unit, "point": reading.point},

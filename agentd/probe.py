@@ -89,11 +89,13 @@ def probe(nvml: Any = None) -> dict[str, Any]:
     nv = nvml
     if nv is None:
         try:
-            import pynvml as nv
+            import pynvml
+
+            nv = pynvml
         except ImportError as e:  # pragma: no cover - the dependency is declared
             raise BackendError(f"cannot import pynvml ({e}): install the nvidia-ml-py package") from e
     p = _Prober(nv)
-    timing: dict[str, float] = {}
+    timing: dict[str, float | None] = {}
     t0 = time.perf_counter_ns()
     try:
         nv.nvmlInit()

@@ -56,7 +56,7 @@ def _keep(new: AgentConfig, running: AgentConfig, dotted: str) -> AgentConfig:
     head, _, rest = dotted.partition(".")
     if not rest:
         return new.model_copy(update={head: getattr(running, head)})
-    section = _keep(getattr(new, head), getattr(running, head), rest)  # type: ignore[arg-type]
+    section = _keep(getattr(new, head), getattr(running, head), rest)
     return new.model_copy(update={head: section})
 
 

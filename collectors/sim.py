@@ -140,7 +140,7 @@ class SimBackend:
             if demand < IDLE_W * 1.5:
                 reasons |= _REASON_IDLE
                 clock = 345.0
-            if gpu.temp_c >= gpu.info.slowdown_c:
+            if gpu.info.slowdown_c is not None and gpu.temp_c >= gpu.info.slowdown_c:
                 reasons |= _REASON_HW_SLOWDOWN | _REASON_SW_THERMAL
                 clock *= 0.6
             util = min(100.0, max(0.0, 100.0 * (demand - IDLE_W) / (MAX_W - IDLE_W)))

@@ -167,7 +167,7 @@ class Engine:
         clear_fn = r.clear_expr.bind(self.params, specs) if r.clear_expr is not None else None
         main = r.when_expr.main_operand()
         value_fn = bind_node(main, self.params, specs) if main is not None else None
-        policy = r.stale
+        policy = r.stale or "ignore"  # always set by Rule's validator; "or" for the type checker
         when_unknown = {"ignore": None, "fire": True, "resolve": False}[policy]
         clear_unknown = {"ignore": None, "fire": False, "resolve": True}[policy]
         signals = set(r.when_expr.signals)
@@ -355,7 +355,7 @@ class Engine:
                     if name not in sources:
                         sources.append(name)
                 else:
-                    targets = (gpu,) if cr.is_gpu else tuple(gpus)
+                    targets = (gpu,) if cr.is_gpu and gpu is not None else tuple(gpus)
                     for i in targets:
                         g = gpus.get(i)
                         if g is None:

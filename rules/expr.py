@@ -158,7 +158,7 @@ def _lex(text: str) -> list[_Tok]:
             hint = " (use 'and', 'or', 'not')" if bad in "&|!" else ""
             hint = " (use '==' to compare)" if bad == "=" else hint
             raise ExprError(f"unexpected character {bad!r}{hint}", pos + 1)
-        kind = m.lastgroup
+        kind = m.lastgroup or "bad"
         if kind == "bad":
             raise ExprError(f"bad number or duration {m.group()!r} (durations look like 500ms, 10s, "
                             "5m, 1h)", pos + 1)
@@ -248,27 +248,27 @@ def _lift2(lf: Fn, rf: Fn, op: Callable[[Any, Any], Any]) -> Fn:
         if c is None:
             return _Const(None)
 
-        def f(g, n, w):
+        def right_const(g, n, w):
             a = lf(g, n, w)
             return None if a is None else op(a, c)
-        return f
+        return right_const
     if isinstance(lf, _Const):
         c = lf.value
         if c is None:
             return _Const(None)
 
-        def f(g, n, w):
+        def left_const(g, n, w):
             b = rf(g, n, w)
             return None if b is None else op(c, b)
-        return f
+        return left_const
 
-    def f(g, n, w):
+    def both(g, n, w):
         a = lf(g, n, w)
         if a is None:
             return None
         b = rf(g, n, w)
         return None if b is None else op(a, b)
-    return f
+    return both
 
 
 def _arith(op: str) -> Callable[[Any, Any], Any]:
@@ -339,7 +339,7 @@ class Compare(Node):
         fns = [o.bind(ctx) for o in self.operands]
         cmps = [_CMP[o] for o in self.ops]
         if all(isinstance(x, _Const) for x in fns):
-            vals = [x.value for x in fns]  # type: ignore[union-attr]
+            vals = [x.value for x in fns if isinstance(x, _Const)]
             if any(v is None for v in vals):
                 return _Const(None)
             return _Const(all(c(a, b) for c, a, b in zip(cmps, vals, vals[1:])))

@@ -397,11 +397,11 @@ def _check(source: str, loc: str, exp: Expect, engine: Engine, advice: dict[str,
     limits: dict[int, float] = {}
     if "all" in exp.limits:
         limits = {i: exp.limits["all"] for i in range(count)}
-    for sel, w in exp.limits.items():
-        if sel != "all":
-            if not 0 <= sel < count:  # type: ignore[operator]
-                raise TestFileError([f"{source}: {loc}.limits.{sel}: no such GPU (gpus.count is {count})"])
-            limits[sel] = w  # type: ignore[index]
+    for gpu_sel, w in exp.limits.items():
+        if isinstance(gpu_sel, int):
+            if not 0 <= gpu_sel < count:
+                raise TestFileError([f"{source}: {loc}.limits.{gpu_sel}: no such GPU (gpus.count is {count})"])
+            limits[gpu_sel] = w
     for i, w in sorted(limits.items()):
         got_w = applied[i]
         if abs(got_w - w) > LIMIT_TOLERANCE_W:
