@@ -15,7 +15,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 from collectors.base import GpuSample
 from collectors.coolant import LEAK_RANK
@@ -57,13 +58,13 @@ class Controller:
     @classmethod
     def build(cls, rule_set: RuleSet, params: Mapping[str, Any] | None = None, *,
               rise_w_per_s: float = 25.0, hold_s: float = 30.0, seed: str = "",
-              interval_s: float = 1.0) -> "Controller":
+              interval_s: float = 1.0) -> Controller:
         """A controller whose ramp jitter is seeded by ``seed`` (the node name spreads a fleet);
         one step of the ramp never accounts for more than two tick intervals."""
         return cls(Engine(rule_set, params), Ramp(rise_w_per_s=rise_w_per_s, hold_s=hold_s,
                                                   rng=random.Random(seed), max_step_s=2 * interval_s))
 
-    def adopt(self, old: "Controller") -> list[str]:
+    def adopt(self, old: Controller) -> list[str]:
         """Carry ``old``'s state into this (reloaded) controller: rule states of unchanged rules,
         the ramp's position and hold timers, and the baselines. Returns the rules kept."""
         kept = self.engine.adopt_states(old.engine)

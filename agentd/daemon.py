@@ -162,7 +162,7 @@ class Daemon:
         """Open the backend (off the loop, with the NVML timeout). Raises BackendError."""
         try:
             infos = await self._on_nvml_thread(self.cfg.nvml_timeout * 5, self.backend.open)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise BackendError(f"GPU backend {self.cfg.backend!r} did not initialise within "
                                f"{self.cfg.nvml_timeout * 5:.0f} s (driver hung?)") from exc
         self.state.infos = {i.index: i for i in infos}
@@ -215,7 +215,7 @@ class Daemon:
             return {}
         try:
             return await self._on_nvml_thread(self.cfg.nvml_timeout * 5, self.actuator.restore, uuids)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("limits_restore_timeout", hint="NVML hung; run `agentd restore-limits` (ExecStopPost)")
         except Exception as exc:  # the originals stay persisted for restore-limits
             log.error("limits_restore_failed", error=repr(exc), file=str(self.actuator.originals_path),
@@ -241,7 +241,7 @@ class Daemon:
             writes = self.actuator.plan(step.limits_w, samples, step.sources)
             if writes:  # a steady node makes no trip to the NVML thread
                 await self._on_nvml_thread(self.cfg.nvml_timeout, self.actuator.write, writes)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.stats.nvml_errors += 1
             log.error("limit_write_timeout", timeout_s=self.cfg.nvml_timeout, targets_w=step.limits_w,
                       hint="NVML did not return; the writes are retried when it answers")
@@ -287,7 +287,7 @@ class Daemon:
             return None
         try:
             return await self._on_nvml_thread(self.cfg.nvml_timeout, self.backend.sample, ts_ns)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.stats.nvml_errors += 1
             log.error("nvml_timeout", timeout_s=self.cfg.nvml_timeout,
                       hint="the driver did not answer; check nvidia-smi and the kernel log (Xid errors)")

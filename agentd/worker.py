@@ -13,7 +13,8 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Executor, Future
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 _STOP = object()
 

@@ -145,7 +145,7 @@ async def _bare(host: str, port: int, prefix: str, fixed_s: float | None) -> dic
         while True:
             try:
                 await asyncio.wait_for(messages.__anext__(), IDLE_END_S if n else 120)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if n == 0:
                 first_cpu, first_wall = time.process_time(), time.perf_counter()

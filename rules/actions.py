@@ -3,8 +3,9 @@
 Every source of a limit proposes a ceiling: each firing rule (``Ceiling`` per GPU, ``NodeCap`` for
 the node), the site budget share (a ``NodeCap``), operator / scheduler leases (``Ceiling``, with
 ``gpu=None`` for every GPU). The target of a GPU is the minimum of its ceilings, clamped to the
-device's ``[min_w, max_w]``; a GPU nothing proposes for stays at (or goes back to) its ``baseline_w``: the limit an operator
-(or the driver default) gave it, which the daemon never changes on its own.
+device's ``[min_w, max_w]``; a GPU nothing proposes for stays at (or goes back to) its
+``baseline_w``: the limit an operator (or the driver default) gave it, which the daemon never
+changes on its own.
 
 Then ``Ramp``: a target below the applied limit is applied at once (protection never waits);
 a target above it is approached at a bounded rate (W/s, each rise with its own jittered rate from
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, NamedTuple
+from typing import NamedTuple
+from collections.abc import Iterable, Mapping
 
 
 class Ceiling(NamedTuple):

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from rules.actions import Ceiling, NodeCap
 from rules.expr import GPU_FIELDS, UNMASKABLE, Fn, Window, WindowSpec, bind_node
@@ -387,7 +388,7 @@ class Engine:
     def states(self) -> Mapping[tuple[str, int | None], Instance]:
         return self._states_view
 
-    def adopt_states(self, old: "Engine") -> list[str]:
+    def adopt_states(self, old: Engine) -> list[str]:
         """Take over the rule instances of ``old`` for every rule whose definition is unchanged
         (a reload must not reset a firing cap or a pending ``for``); returns their names.
 

@@ -37,7 +37,8 @@ import operator
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 NUMBER, STRING, BOOL, DURATION = "number", "string", "bool", "duration"
 
@@ -189,7 +190,7 @@ class Node:
     type: str
     col: int
 
-    def bind(self, ctx: "_Bind") -> Fn | _Const:  # pragma: no cover - overridden
+    def bind(self, ctx: _Bind) -> Fn | _Const:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def signals(self) -> set[str]:
@@ -511,7 +512,7 @@ class WindowSpec:
     window_s: float
     source: Fn
 
-    def new(self) -> "Window":
+    def new(self) -> Window:
         return Window(self.func, self.window_s)
 
 

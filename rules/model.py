@@ -29,7 +29,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Mapping, Union
+from typing import Annotated, Any, Literal
+from collections.abc import Iterable, Mapping
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
@@ -80,7 +81,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-NumberOrParam = Union[float, str]
+NumberOrParam = float | str
 
 
 def _check_num_or_param(v: Any) -> Any:
@@ -112,7 +113,7 @@ class CapGpu(_Strict):
         return _check_num_or_param(v)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "CapGpu":
+    def _exactly_one(self) -> CapGpu:
         given = [k for k in ("watts", "fraction", "delta_w") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of watts, fraction, delta_w"
@@ -135,7 +136,7 @@ class CapNode(_Strict):
         return _check_num_or_param(v)
 
     @model_validator(mode="after")
-    def _check(self) -> "CapNode":
+    def _check(self) -> CapNode:
         check_action_numbers(self, {})
         return self
 
@@ -153,7 +154,7 @@ class EventOnly(_Strict):
     type: Literal["event"]
 
 
-Action = Annotated[Union[CapGpu, CapNode, Advise, EventOnly], Field(discriminator="type")]
+Action = Annotated[CapGpu | CapNode | Advise | EventOnly, Field(discriminator="type")]
 ACTION_TYPES = ("cap_gpu", "cap_node", "advise", "event")
 
 
@@ -222,7 +223,7 @@ class Rule(_Strict):
         return parse_duration_s(v)
 
     @model_validator(mode="after")
-    def _default_stale(self) -> "Rule":
+    def _default_stale(self) -> Rule:
         if self.stale is None:
             # Coolant inputs fail safe: a stale coolant reading is never read as OK.
             self.stale = "fire" if self.scope == "coolant" else "ignore"

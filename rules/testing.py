@@ -45,7 +45,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -83,19 +83,19 @@ class RampSpec(_Strict):
     _d = field_validator("hold", mode="before")(classmethod(lambda cls, v: _dur(v)))
 
 
-SeriesMap = dict[str, Union[str, float, int, bool]]
+SeriesMap = dict[str, str | float | int | bool]
 
 
 class Series(_Strict):
     node: SeriesMap = Field(default_factory=dict)
-    gpu: dict[Union[int, Literal["all"]], SeriesMap] = Field(default_factory=dict)
+    gpu: dict[int | Literal["all"], SeriesMap] = Field(default_factory=dict)
 
 
 class Expect(_Strict):
     at: float
     firing: list[str] | None = None
     states: dict[str, Literal["inactive", "pending", "firing"]] = Field(default_factory=dict)
-    limits: dict[Union[int, Literal["all"]], float] = Field(default_factory=dict)
+    limits: dict[int | Literal["all"], float] = Field(default_factory=dict)
     advice: list[Literal["no_new_work", "drain"]] | None = None
 
     _d = field_validator("at", mode="before")(classmethod(lambda cls, v: _dur(v)))

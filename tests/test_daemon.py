@@ -103,7 +103,8 @@ async def test_an_unhealthy_gpu_is_left_out_and_counted_while_the_others_report(
     backend = OneGpuLost(gpus=3)
     daemon = await run_ticks(cfg, backend, 8)
     store = open_store(cfg)
-    per_gpu = {g: len([l for l in store.query(measurement="gpu") if f",gpu={g}," in l]) for g in range(3)}
+    lines = store.query(measurement="gpu")
+    per_gpu = {g: sum(1 for line in lines if f",gpu={g}," in line) for g in range(3)}
     store.close()
     assert per_gpu == {0: 8, 1: 5, 2: 8}
     assert daemon.stats.nvml_errors == 3  # one per unreadable GPU per tick

@@ -276,7 +276,7 @@ def test_reload_keeps_the_old_rules_on_a_broken_file_and_applies_a_valid_one(tmp
     firing = [(e["rule"], e["gpu"]) for e in agent.events("rule_firing")]
     assert firing.count(("steady_cap", 0)) == firing.count(("steady_cap", 1)) == 1  # kept its state
     assert firing.count(("warm_cap", 0)) == 2  # kept across the rejected reload, afresh once changed
-    assert agent.events("reloaded")[-1]["rule_states_kept"] == 1  # the old rule kept its state across the rejected reload
+    assert agent.events("reloaded")[-1]["rule_states_kept"] == 1
     store = Store(tmp_path / "state" / "store.sqlite")
     stamps = sorted(int(line.rsplit(" ", 1)[1]) for line in store.query(measurement="agent"))
     store.close()
