@@ -176,15 +176,20 @@ def test_sigkill_mid_run_then_restart_ships_every_committed_point(services, tmp_
     # Second run on the same state directory: replays the backlog, commits ticks of its own, then
     # shuts down cleanly (SIGTERM: the flush on stop must ship those too).
     second = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    own_ticks = 3 * (GPUS + 1)  # rows: three ticks of gpu points + agent point
-    while (any(row_id <= last_committed_id for row_id, _ in _rows(store_path))
-           or _last_id(store_path) < last_committed_id + own_ticks):
-        assert second.poll() is None, second.stderr.read().decode()
-        assert time.monotonic() < deadline, "backlog not drained, or no new ticks committed"
-        time.sleep(0.1)
-    second.send_signal(signal.SIGTERM)
-    assert second.wait(20) == 0, second.stderr.read().decode()
+    try:
+        deadline = time.monotonic() + 30
+        own_ticks = 3 * (GPUS + 1)  # rows: three ticks of gpu points + agent point
+        while (any(row_id <= last_committed_id for row_id, _ in _rows(store_path))
+               or _last_id(store_path) < last_committed_id + own_ticks):
+            assert second.poll() is None, second.stderr.read().decode()
+            assert time.monotonic() < deadline, "backlog not drained, or no new ticks committed"
+            time.sleep(0.1)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0, second.stderr.read().decode()
+    finally:
+        if second.poll() is None:  # a failed check must not leave a daemon running
+            second.kill()
+            second.wait()
     assert _rows(store_path) == []  # flushed on the clean stop
 
     power = vm_values(services, "gpu_power_w", node)
