@@ -39,9 +39,16 @@ def main() -> None:
 def check_config(path: Path | None) -> None:
     """Validate PATH (or the default config); print every error, or the effective config.
 
+    Also checks what `agentd run` reads only when it starts (the token file, the MQTT TLS files,
+    the state directory), so a config that passes here does not stop `run`; a file in systemd's
+    credentials directory is only visible to the unit and is noted, not failed.
+
     Exits 2 when invalid, 0 when valid (secrets are masked in the output).
     """
+    from agentd.config import config_source, preflight
+
     cfg = _load_or_exit(path)
+    errors, notes = preflight(cfg, config_source(path))
     if cfg.rules.enabled:  # the rule files and rules.params are part of the configuration
         from agentd.control import load_rules
         from rules.engine import Engine
@@ -50,9 +57,11 @@ def check_config(path: Path | None) -> None:
         try:
             Engine(load_rules(cfg.rules.dirs, cfg.rules.builtin_packs), cfg.rules.params)
         except RuleLoadError as exc:
-            for line in exc.errors:
-                click.echo(line, err=True)
-            sys.exit(2)
+            errors += exc.errors
+    for line in notes + errors:
+        click.echo(line, err=True)
+    if errors:
+        sys.exit(2)
     click.echo(effective_config_text(cfg), nl=False)
 
 
@@ -288,7 +297,7 @@ async def _run_sim_cdu(model, mqtt_cfg, interval: float, duration: float | None,
             raise ConnectionError(f"cannot reach the broker at {mqtt_cfg.host}:{mqtt_cfg.port} within 10 s "
                                   "(is it running? check --broker, --tls, --username)")
         await asyncio.sleep(0.05)
-    gpus = SimBackend(gpus=8, seed=seed, profile=profile)
+    gpus = SimBackend(gpus=8, seed=seed, profile=profile)  # type: ignore[arg-type]  # click.Choice checked it
     gpus.open()
     t0_ns = time.time_ns()
     steps = 0

@@ -16,7 +16,8 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -102,8 +103,11 @@ class InfluxConfig(_Section):
             try:
                 return self.token_file.read_text().strip()
             except OSError as exc:
-                raise ConfigError([f"influx.token_file: cannot read {self.token_file}: {exc.strerror} "
-                                   "(create it, or set influx.token)"]) from exc
+                raise ConfigError([f"influx.token_file: cannot read: {exc.strerror}; create it, or set "
+                                   f"influx.token (got: {str(self.token_file)!r})"]) from exc
+            except UnicodeDecodeError as exc:  # not UTF-8: not a token file
+                raise ConfigError([f"influx.token_file: not a text file ({exc.reason}); put the token in it "
+                                   f"(got: {str(self.token_file)!r})"]) from exc
         return None
 
 
@@ -121,7 +125,8 @@ class MqttConfig(_Section):
     client_id: str = Field("", description="defaults to agentd-<node>")
     keepalive: int = Field(30, ge=5, le=3600)
     timeout: float = Field(5.0, gt=0, le=120, description="seconds for connect / subscribe / qos>0 publish")
-    queue_size: int = Field(10_000, ge=10, le=1_000_000, description="incoming messages held; beyond, dropped and counted")
+    queue_size: int = Field(10_000, ge=10, le=1_000_000,
+                            description="incoming messages held; beyond, dropped and counted")
     reconnect_min: float = Field(0.1, gt=0, le=60)
     reconnect_max: float = Field(2.0, gt=0, le=300, description="cap of the jittered reconnect backoff")
 
@@ -131,11 +136,12 @@ class MqttConfig(_Section):
         if v is None or v.strip() == "":
             return None
         if "://" in v or "/" in v or ":" in v.strip("[]"):
-            raise ValueError("must be a host name or address only, for example mqtt.example.org (set the port with mqtt.port)")
+            raise ValueError("must be a host name or address only, for example mqtt.example.org "
+                             "(set the port with mqtt.port)")
         return v.strip()
 
     @model_validator(mode="after")
-    def _check_pairs(self) -> "MqttConfig":
+    def _check_pairs(self) -> MqttConfig:
         if (self.ca_file or self.cert_file or self.key_file) and not self.tls:
             raise ValueError("ca_file / cert_file / key_file are set but tls = false; set mqtt.tls = true")
         if (self.cert_file is None) != (self.key_file is None):
@@ -197,7 +203,7 @@ class SubscriptionConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _check_tags(self) -> "SubscriptionConfig":
+    def _check_tags(self) -> SubscriptionConfig:
         levels = self.topic.split("/")
         if levels[-1] != "#":
             for tag, index in {**self.topic_tags, "(field_segment)": self.field_segment}.items():
@@ -366,6 +372,107 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from exc
+
+
+def config_source(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """Where ``load_config(path, environ)`` takes the configuration from, as its errors name it."""
+    environ = os.environ if environ is None else environ
+    cfg_path = Path(path) if path is not None else Path(environ.get("AGENTD_CONFIG", DEFAULT_CONFIG_PATH))
+    explicit = path is not None or "AGENTD_CONFIG" in environ
+    source = str(cfg_path) if cfg_path.exists() or explicit else "(built-in defaults)"
+    if _env_overrides(environ):
+        source += " + AGENTD_* environment"
+    return source
+
+
+# -- what `agentd run` checks only when it starts (for `agentd check-config`) -----------------
+
+CREDENTIALS_ROOT = Path("/run/credentials")
+CREDENTIAL_NOTE = "note: a systemd credential, checked when the unit starts"
+
+
+def _unseen_credential(path: Path, environ: Mapping[str, str]) -> bool:
+    """A file in systemd's credentials directory that this process cannot see.
+
+    ``/run/credentials/<unit>/`` exists only while the unit runs, for the unit (``LoadCredential=``),
+    so from a shell a missing credential says nothing about the unit. Inside the unit (where
+    ``$CREDENTIALS_DIRECTORY`` names the directory) such a file must be there.
+    """
+    inside = environ.get("CREDENTIALS_DIRECTORY")
+    if inside and path.is_relative_to(inside):
+        return False
+    if not path.is_relative_to(CREDENTIALS_ROOT):
+        return False
+    try:
+        path.stat()
+    except OSError:
+        return True
+    return False
+
+
+def _state_dir_problem(state_dir: Path) -> str | None:
+    """Why the store could not be created in ``state_dir`` whoever runs it (root included), or None.
+
+    Permissions are not judged: the shipped unit runs as root, so a non-root shell would see
+    false errors; a read-only file system or a file in the way stops root too.
+    """
+    probe = state_dir
+    while not probe.exists() and probe != probe.parent:  # the daemon creates the missing levels
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is not a directory" if probe == state_dir else f"cannot be created: {probe} is not a directory"
+        return f"{what}; point state_dir at a directory"
+    try:
+        read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    except OSError:
+        return None
+    if read_only:
+        return (f"{probe} is on a read-only file system; the store needs to write there (point state_dir at "
+                "a writable directory; under systemd's ProtectSystem=strict only the unit's StateDirectory "
+                "and ReadWritePaths= are writable)")
+    return None
+
+
+def preflight(cfg: AgentConfig, source: str, environ: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """``(errors, notes)`` for what ``agentd run`` reads only when it starts: the InfluxDB token
+    file, the MQTT TLS files, the state directory. An error here would stop ``run``; a note says
+    what cannot be checked from here (a systemd credential). Both in ``file: key: message`` form.
+
+    The checks are the ones ``run`` makes (``resolved_token``, ``agentd.mqtt.make_tls_context``),
+    under the same conditions, so the two cannot disagree.
+    """
+    environ = os.environ if environ is None else environ
+    errors: list[str] = []
+    notes: list[str] = []
+    influx = cfg.influx
+    if influx.url and influx.api == "v2" and influx.token is None and influx.token_file is not None:
+        if _unseen_credential(influx.token_file, environ):
+            notes.append(f"{source}: influx.token_file: {CREDENTIAL_NOTE} (got: {str(influx.token_file)!r})")
+        else:
+            try:
+                influx.resolved_token()
+            except ConfigError as exc:
+                errors += [f"{source}: {line}" for line in exc.errors]
+    mqtt = cfg.mqtt
+    if mqtt.host and mqtt.tls:
+        unseen: dict[str, Path | None] = {}
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(mqtt, key)
+            if path is not None and _unseen_credential(path, environ):
+                unseen[key] = path
+                notes.append(f"{source}: mqtt.{key}: {CREDENTIAL_NOTE} (got: {str(path)!r})")
+        if "cert_file" in unseen or "key_file" in unseen:  # loaded as a pair: check neither
+            unseen.update(cert_file=None, key_file=None)
+        from agentd.mqtt import make_tls_context
+
+        try:
+            make_tls_context(mqtt.model_copy(update=dict.fromkeys(unseen)))
+        except ConfigError as exc:
+            errors += [f"{source}: {line}" for line in exc.errors]
+    problem = _state_dir_problem(Path(cfg.state_dir))
+    if problem is not None:
+        errors.append(f"{source}: state_dir: {problem} (got: {str(cfg.state_dir)!r})")
+    return errors, notes
 
 
 def effective_config_text(cfg: AgentConfig) -> str:

@@ -28,12 +28,17 @@ lines, so the quarantine holds exactly what the server did not take.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import random
 import re
+import ssl
+import threading
 import time
 import zlib
-from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import structlog
@@ -41,6 +46,9 @@ import structlog
 from agentd.store import Batch, Store, StoreError
 
 if TYPE_CHECKING:
+    from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+    from influxdb_client.service.write_service import WriteService
+
     from agentd.config import InfluxConfig
 
 log = structlog.get_logger("agentd.influx")
@@ -179,8 +187,11 @@ class V1Writer(_BodyWriter):
                     return
                 text = _error_text(await resp.read())
                 classify(resp.status, text, resp.headers.get("Retry-After"))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise WriteFailed(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _transport_failure(self.url, exc, self.timeout.total) from exc
+
+    def preload(self) -> None:
+        """Nothing to load: aiohttp is imported already (the same call as ``V2Writer.preload``)."""
 
     async def close(self) -> None:
         if self._session is not None:
@@ -191,10 +202,13 @@ class V1Writer(_BodyWriter):
 class V2Writer(_BodyWriter):
     """``/api/v2/write`` through influxdb-client's async API (InfluxDB 2.x/3.x, 1.8+, VictoriaMetrics).
 
-    ``influxdb_client`` is imported on first use, so a daemon without InfluxDB never loads it.
-    The body is compressed here with ``GZIP_LEVEL`` and sent through the client's write
-    service with ``Content-Encoding: gzip`` (the client's own gzip uses level 9, which costs
-    more CPU than the server spends ingesting the batch).
+    ``influxdb_client`` is imported only when a v2 writer is used, so a daemon without InfluxDB
+    never loads it. Its import takes ~0.4 s of CPU, far longer than a tick: ``preload`` starts it
+    in a worker thread (``make_forwarder`` calls it before the first tick), and the first write
+    awaits that thread instead of importing on the event loop. The body is compressed here with
+    ``GZIP_LEVEL`` and sent through the client's write service with ``Content-Encoding: gzip``
+    (the client's own gzip uses level 9, which costs more CPU than the server spends ingesting
+    the batch).
     """
 
     def __init__(self, url: str, bucket: str, *, org: str = "", token: str | None = None,
@@ -205,26 +219,47 @@ class V2Writer(_BodyWriter):
         self.token = token
         self.gzip = gzip
         self.timeout_ms = int(timeout * 1000)
-        self._client = None
-        self._service = None
+        self._client: InfluxDBClientAsync | None = None
+        self._service: WriteService | None = None
+
+    def preload(self) -> concurrent.futures.Future[ssl.SSLContext]:
+        """Start importing influxdb-client in a worker thread (once per process); returns its future."""
+        return _load_client_in_background()
+
+    async def _open(self) -> WriteService:
+        """Create the client on the loop (it insists on one), once the import has finished off it.
+
+        The TLS context comes from the worker too: the client would otherwise load the system's
+        CA bundle on the loop (~50 ms), even for an http:// URL.
+        """
+        # Shielded: a cancelled first write (a stop, a flush deadline) must not cancel the import
+        # that every writer of the process shares.
+        ssl_context = await asyncio.shield(asyncio.wrap_future(self.preload()))
+        return self._build(ssl_context)
 
     def open(self) -> None:
-        """Import influxdb-client and create the client (done by the first write otherwise)."""
+        """Load influxdb-client and create the client now, blocking until done (for benchmarks and
+        tools that want it out of a timed part; the daemon never blocks its loop on it). Call it
+        from a coroutine: the client needs a running loop."""
+        self._build(self.preload().result())
+
+    def _build(self, ssl_context: ssl.SSLContext) -> WriteService:
         if self._service is None:
             from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
             from influxdb_client.service.write_service import WriteService
 
             self._client = InfluxDBClientAsync(url=self.url, token=self.token or "", org=self.org,
-                                               timeout=self.timeout_ms, enable_gzip=False)
+                                               timeout=self.timeout_ms, enable_gzip=False, ssl_context=ssl_context)
             self._service = WriteService(self._client.api_client)
+        return self._service
 
     async def send(self, payload: bytes) -> None:
-        self.open()
+        service = self._service if self._service is not None else await self._open()
         from influxdb_client.rest import ApiException
 
         kwargs = {"content_encoding": "gzip"} if self.gzip else {}
         try:
-            await self._service.post_write_async(  # type: ignore[union-attr]
+            await service.post_write_async(
                 org=self.org, bucket=self.bucket, body=payload, precision="ns",
                 content_type="text/plain; charset=utf-8", **kwargs)
         except ApiException as exc:
@@ -232,14 +267,68 @@ class V2Writer(_BodyWriter):
             classify(int(exc.status or 0), _error_text(exc.body) or str(exc.reason or ""),
                      headers.get("Retry-After") if hasattr(headers, "get") else None)
             raise WriteFailed(f"{self.url}: HTTP {exc.status}: {exc.reason}") from exc
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise WriteFailed(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _transport_failure(f"{self.url}/api/v2/write", exc, self.timeout_ms / 1000) from exc
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
             self._service = None
+
+
+def _transport_failure(url: str, exc: BaseException, timeout_s: float | None) -> WriteFailed:
+    """A failed request as the operator needs it: which URL, what happened, for how long.
+
+    A timeout's own text is empty (``TimeoutError: ``), and one that hit a server which took
+    the connection and never answered is the case worth spelling out.
+    """
+    within = f"{timeout_s:g} s" if timeout_s else "the timeout"
+    if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientConnectionError):
+        return WriteFailed(f"{url}: no answer within {within} (influx.timeout): the server took the "
+                           "request but did not respond; is it overloaded or hung?")
+    if isinstance(exc, TimeoutError):
+        return WriteFailed(f"{url}: {type(exc).__name__}: {str(exc) or 'timed out'} (influx.timeout = {within})")
+    return WriteFailed(f"{url}: {type(exc).__name__}: {exc}")
+
+
+_client_import: concurrent.futures.Future[ssl.SSLContext] | None = None
+_client_import_lock = threading.Lock()
+
+
+def _load_client_in_background() -> concurrent.futures.Future[ssl.SSLContext]:
+    global _client_import
+    with _client_import_lock:
+        if _client_import is None:
+            _client_import = concurrent.futures.Future()
+            _client_import.set_running_or_notify_cancel()  # running: it can no longer be cancelled
+            threading.Thread(target=_import_client, args=(_client_import,), name="influxdb-client-import",
+                             daemon=True).start()
+        return _client_import
+
+
+def _import_client(done: concurrent.futures.Future[ssl.SSLContext]) -> None:
+    """Worker thread: import influxdb-client, and build and close a throwaway client in a private
+    loop, so that what its constructor imports lazily is loaded here too (whatever the version);
+    the result is the TLS context the client would build (the system CAs, verification on)."""
+    try:
+        from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+        from influxdb_client.rest import ApiException  # noqa: F401  (send needs it)
+        from influxdb_client.service.write_service import WriteService
+
+        ssl_context = ssl.create_default_context()
+
+        async def build() -> None:
+            client = InfluxDBClientAsync(url="http://127.0.0.1:9", token="", org="", enable_gzip=False,
+                                         ssl_context=ssl_context)
+            WriteService(client.api_client)
+            await client.close()
+
+        asyncio.run(build())
+    except BaseException as exc:  # surfaces at the first write, as an import there would
+        done.set_exception(exc)
+    else:
+        done.set_result(ssl_context)
 
 
 _OFF_LOOP_BYTES = 256 * 1024
@@ -252,7 +341,7 @@ async def _encode_off_loop(writer: _BodyWriter, body: str) -> bytes:
     return writer.encode_body(body)
 
 
-def make_writer(cfg: "InfluxConfig") -> V1Writer | V2Writer:
+def make_writer(cfg: InfluxConfig) -> V1Writer | V2Writer:
     """The writer ``cfg`` asks for (``cfg.url`` must be set)."""
     if not cfg.url:
         raise ValueError("influx.url is not set: no writer (the store keeps the readings)")
@@ -301,7 +390,16 @@ class Forwarder:
     rejected requests), ``quarantined`` (points), ``last_error``, ``connected`` (the last request
     got an HTTP answer), ``backoffs`` (retry waits entered). ``backing_off`` is set while a
     retry wait is in progress (a test waits on it rather than guessing with a sleep).
+
+    Logs for an incident, on the injected ``monotonic`` clock: an outage once when it starts,
+    again every ``OUTAGE_LOG_EVERY_S`` with its duration and the backlog, and once when it ends;
+    a refused batch once, with what the server said and how many lines were quarantined; the
+    quarantined lines once per reason every ``QUARANTINE_LOG_EVERY_S``, the next line of that
+    reason counting those suppressed meanwhile.
     """
+
+    OUTAGE_LOG_EVERY_S = 300.0
+    QUARANTINE_LOG_EVERY_S = 60.0
 
     def __init__(self, store: Store, writer: Writer, *, batch_size: int = 5000, backoff_max: float = 60.0,
                  backoff_base: float = 0.5, rng: random.Random | None = None,
@@ -328,6 +426,10 @@ class Forwarder:
         self.connected = False
         self.backoffs = 0
         self.backing_off = asyncio.Event()
+        self._outage_since: float | None = None  # monotonic time of the first failure of an outage
+        self._outage_logged = 0.0  # when the outage was last logged
+        self._quarantine_logs = _PerReason(self.QUARANTINE_LOG_EVERY_S)
+        self._refusal_logs = _PerReason(self.QUARANTINE_LOG_EVERY_S)
 
     # -- control ---------------------------------------------------------------------------
 
@@ -362,7 +464,8 @@ class Forwarder:
                     try:
                         nxt = await self._in_thread(self._ack_and_fetch, pending_ack, None)
                     except StoreError as exc:
-                        log.error("store read failed; forwarder retrying", error=str(exc))
+                        log.error("influx_store_read_failed", error=str(exc), store=str(self.store.path),
+                                  hint="the forwarder retries; readings stay in the store")
                         await self._wait(stop, self._sleep(self.idle_poll_s))
                         continue
                     if nxt is None:  # idle: until new lines are appended, or the next poll
@@ -385,8 +488,8 @@ class Forwarder:
                     if side.exception() is None:
                         prefetched = side.result()
                     else:
-                        log.error("store ack/read failed; the batch will be sent again",
-                                  error=str(side.exception()))
+                        log.error("influx_store_ack_failed", error=str(side.exception()), store=str(self.store.path),
+                                  hint="the batch will be sent again (replays are idempotent)")
                 if write.cancelled():
                     return
                 exc = write.exception()
@@ -397,8 +500,7 @@ class Forwarder:
                     to_ack = batch
                     nxt = prefetched
                 elif isinstance(exc, WriteRejected):
-                    self._on_rejected(exc)
-                    outcome = await self._bisect(batch, exc)
+                    outcome = await self._refused(batch, exc)
                     if outcome is not True:
                         await self._back_off(stop, outcome)
                         continue
@@ -436,15 +538,15 @@ class Forwarder:
                 break
             try:
                 outcome = await asyncio.wait_for(self._ship(batch), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if outcome is not True:
                 break
         sent = self.written - before
         left = self.store.backlog()
         if left:
-            log.warning("influx flush incomplete; the rest stays in the store for the next start",
-                        sent=sent, left=left, store=str(self.store.path))
+            log.warning("influx_flush_incomplete", sent=sent, left=left, store=str(self.store.path),
+                        hint="the rest stays in the store and is shipped after the next start")
         return sent
 
     # -- internals -------------------------------------------------------------------------
@@ -467,7 +569,7 @@ class Forwarder:
 
     async def _back_off(self, stop: asyncio.Event, exc: WriteFailed) -> None:
         delay = self.backoff_delay(self._failures, exc.retry_after)
-        log.debug("influx retry scheduled", retry_in_s=round(delay, 3), attempt=self._failures)
+        log.debug("influx_retry_scheduled", retry_in_s=round(delay, 3), attempt=self._failures)
         self.backoffs += 1
         self.backing_off.set()
         try:
@@ -477,17 +579,34 @@ class Forwarder:
 
     def _on_success(self, batch: Batch) -> None:
         self.written += batch.count
-        if self._failures:
-            log.info("influx write recovered", after_failures=self._failures, backlog=self.store.backlog())
-            self._failures = 0
+        self._end_outage()
         self.connected = True
+
+    def _end_outage(self) -> None:
+        """The server answered: an outage, if one was on, is over (logged once, with its length)."""
+        if self._failures:
+            outage_s = self._monotonic() - self._outage_since if self._outage_since is not None else None
+            log.info("influx_write_recovered", after_failures=self._failures, backlog=self.store.backlog(),
+                     outage_s=round(outage_s, 1) if outage_s is not None else None)
+            self._failures = 0
+        self._outage_since = None
 
     def _on_failed(self, exc: WriteFailed) -> None:
         self.write_errors += 1
         self._failures += 1
+        now = self._monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
         if self.connected or self._failures == 1 or self.last_error != str(exc):
-            log.warning("influx write failed; keeping the data and retrying", error=str(exc),
-                        backlog=self.store.backlog(), failures=self._failures)
+            self._outage_logged = now
+            log.warning("influx_write_failed", error=str(exc), backlog=self.store.backlog(),
+                        failures=self._failures, hint="the readings stay in the store; retrying with backoff")
+        elif now - self._outage_logged >= self.OUTAGE_LOG_EVERY_S:
+            self._outage_logged = now
+            log.warning("influx_still_down", error=str(exc), outage_s=round(now - self._outage_since, 1),
+                        backlog=self.store.backlog(), store_bytes=self.store.size_bytes(), failures=self._failures,
+                        hint="the readings stay in the store (bounded by store.max_bytes); check the server "
+                             "and the network to it")
         self.connected = False
         self.last_error = str(exc)
 
@@ -495,19 +614,37 @@ class Forwarder:
         self.write_errors += 1
         self.connected = True
         self.last_error = str(exc)
-        if self._failures:
-            self._failures = 0
+        self._end_outage()
 
-    async def _ship(self, batch: Batch, budget: list[int] | None = None) -> "bool | WriteFailed":
+    async def _refused(self, batch: Batch, exc: WriteRejected) -> bool | WriteFailed:
+        """The server refused ``batch`` as a whole: bisect it, then say once what happened to it."""
+        self._on_rejected(exc)
+        quarantined_before = self.quarantined
+        written_before = self.written
+        bisection = _Bisection(self.bisect_budget)
+        outcome = await self._bisect(batch, exc, bisection)
+        quarantined = self.quarantined - quarantined_before
+        suppressed = self._refusal_logs.admit(_reason(exc), self._monotonic())
+        if suppressed is not None:
+            log.warning("influx_batch_refused", status=exc.status, server_error=exc.text[:500], points=batch.count,
+                        shipped=self.written - written_before, quarantined=quarantined, requests=bisection.requests,
+                        interrupted_by=None if outcome is True else str(outcome), suppressed=suppressed,
+                        hint=_refusal_hint(outcome is True, quarantined))
+        return outcome
+
+    async def _ship(self, batch: Batch, bisection: _Bisection | None = None) -> bool | WriteFailed:
         """Write ``batch`` and ack it; True when it left the store (acked or quarantined).
 
-        ``budget`` is the bisection's remaining request count, shared by all halves of one batch.
+        ``bisection`` carries the request budget (and count) shared by all halves of one refused
+        batch; without it, ``batch`` is a batch of its own.
         """
         try:
             await self.writer.write(batch.body())
         except WriteRejected as exc:
+            if bisection is None:
+                return await self._refused(batch, exc)
             self._on_rejected(exc)
-            return await self._bisect(batch, exc, budget)
+            return await self._bisect(batch, exc, bisection)
         except WriteFailed as exc:
             self._on_failed(exc)
             return exc
@@ -519,15 +656,13 @@ class Forwarder:
         self._on_success(batch)
         return True
 
-    async def _bisect(self, batch: Batch, exc: WriteRejected,
-                      budget: list[int] | None = None) -> "bool | WriteFailed":
+    async def _bisect(self, batch: Batch, exc: WriteRejected, bisection: _Bisection) -> bool | WriteFailed:
         """``batch`` was refused: ship its halves, quarantining only the refused lines."""
-        if budget is None:
-            budget = [self.bisect_budget]
-        if batch.count > 1 and (budget[0] > 0 or exc.status == 413):
-            budget[0] -= 1
+        if batch.count > 1 and (bisection.budget > 0 or exc.status == 413):
+            bisection.budget -= 1
             for half in _split(batch):
-                outcome = await self._ship(half, budget)
+                bisection.requests += 1
+                outcome = await self._ship(half, bisection)
                 if outcome is not True:
                     return outcome
             return True
@@ -538,9 +673,13 @@ class Forwarder:
         bad = first_bad_line(exc.text, batch.lines)
         moved = self.store.quarantine(batch, f"HTTP {exc.status}: {exc.text}")
         self.quarantined += moved
-        log.error("influx rejected lines; moved to quarantine", status=exc.status, server_error=exc.text,
+        suppressed = self._quarantine_logs.admit(_reason(exc), self._monotonic())
+        if suppressed is None:
+            return
+        log.error("influx_lines_quarantined", status=exc.status, server_error=exc.text[:_MAX_ERROR_TEXT],
                   first_bad_line=bad[:500], points=moved, quarantined_total=self.store.quarantined_count,
-                  store=str(self.store.path))
+                  suppressed=suppressed, store=str(self.store.path),
+                  hint="the server refused these lines; they are kept in the store's quarantine, not retried")
 
     @staticmethod
     async def _wait(stop: asyncio.Event, *waits: Awaitable) -> None:
@@ -554,9 +693,57 @@ class Forwarder:
                 task.cancel()
 
 
+def _refusal_hint(finished: bool, quarantined: int) -> str:
+    if not finished:
+        return "the server stopped answering while the batch was split; what is left stays in the store"
+    if quarantined:
+        return "split and re-sent; only the lines the server refused were quarantined (agentd keeps them)"
+    return "split and re-sent: every line was accepted in smaller batches"
+
+
 def _unexpected(exc: BaseException) -> WriteFailed:
-    log.error("influx writer raised an unexpected error; treating it as a failed write", error=repr(exc))
+    log.error("influx_writer_bug", error=repr(exc), hint="treated as a failed write: the batch is kept and retried")
     return WriteFailed(f"unexpected {type(exc).__name__}: {exc}")
+
+
+@dataclass(slots=True)
+class _Bisection:
+    """One refused batch's bisection: requests left in its budget, requests made."""
+
+    budget: int
+    requests: int = 0
+
+
+class _PerReason:
+    """A rate limit for one kind of log line: the first line of each reason at once, then at
+    most one per ``every_s``, which counts the lines suppressed since (a few hundred reasons
+    are remembered, the oldest forgotten first)."""
+
+    MAX_REASONS = 256
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[str, tuple[float, int]] = {}  # reason -> (logged at, suppressed since)
+
+    def admit(self, reason: str, now: float) -> int | None:
+        """None: do not log this one (it is counted); else log it, with this many suppressed."""
+        last = self._last.get(reason)
+        if last is not None and now - last[0] < self.every_s:
+            self._last[reason] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._last) >= self.MAX_REASONS:
+            del self._last[next(iter(self._last))]
+        self._last[reason] = (now, 0)
+        return last[1] if last is not None else 0
+
+# The parts of a server's error that differ from line to line: the quoted line, the count.
+_QUOTED_LINE = re.compile(r"'(?:[^'\\]|\\.)*'")
+_DROPPED = re.compile(r"\s*\bdropped=\d+")
+
+
+def _reason(exc: WriteRejected) -> str:
+    """What a refusal is about, the same for every line refused for the same cause."""
+    return f"{exc.status} " + _DROPPED.sub("", _QUOTED_LINE.sub("'…'", exc.text))[:200]
 
 
 def _split(batch: Batch) -> tuple[Batch, Batch]:

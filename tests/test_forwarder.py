@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from agentd.influx import (
 )
 from agentd.lineproto import Point, encode
 from agentd.store import Store
-from tests.test_lineproto import documented_name, documented_string
+from tests.test_lineproto import documented_field_key, documented_string, documented_tag_value
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -350,6 +351,145 @@ async def test_flush_respects_the_deadline(store: Store) -> None:
     assert time.monotonic() - t < 1.0 and store.backlog() == 1
 
 
+# -- logs for an incident (injected clock, no sleeps) ----------------------------------------
+
+class Clock:
+    """The forwarder's ``monotonic``, moved by hand (or by a fake sleep)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def events(logs: list[dict], name: str) -> list[dict]:
+    return [e for e in logs if e["event"] == name]
+
+
+async def test_a_refused_batch_that_halving_clears_is_logged_once(store: Store) -> None:
+    put(store, [f"m v={i}i {i}" for i in range(64)])
+
+    class PickyServer(FakeWriter):  # refuses big bodies with a 400, takes the halves
+        async def write(self, body: str) -> None:
+            if body.count("\n") >= 16:
+                raise WriteRejected(400, "body too large for this proxy")
+            await super().write(body)
+
+    writer = PickyServer()
+    fwd = Forwarder(store, writer, batch_size=64, monotonic=Clock())
+    with capture_logs() as logs:
+        await drain(fwd, store)
+    assert len(writer.lines()) == 64 and store.quarantined_count == 0
+    (refused,) = events(logs, "influx_batch_refused")
+    assert refused["log_level"] == "warning" and refused["status"] == 400
+    assert refused["server_error"] == "body too large for this proxy"
+    assert (refused["points"], refused["shipped"], refused["quarantined"]) == (64, 64, 0)
+    assert refused["requests"] == 6 and refused["interrupted_by"] is None  # 64 -> 2x32 -> 4x16
+    assert not events(logs, "influx_lines_quarantined")
+
+
+async def test_a_refused_batch_says_how_many_lines_were_quarantined(store: Store) -> None:
+    ls = [f"m v={i}i {i}" for i in range(40)]
+    ls[5] = ls[30] = "BAD"
+    put(store, ls)
+    fwd = Forwarder(store, FakeWriter(reject="BAD"), batch_size=40, monotonic=Clock())
+    with capture_logs() as logs:
+        await drain(fwd, store)
+    (refused,) = events(logs, "influx_batch_refused")
+    assert (refused["points"], refused["shipped"], refused["quarantined"]) == (40, 38, 2)
+    assert "unable to parse 'BAD'" in refused["server_error"]
+
+
+async def test_quarantine_logs_are_rate_limited_per_reason(store: Store) -> None:
+    """276 ERROR lines in 20 s for one cause helped nobody: one line per reason per minute,
+    the next one counting those left out."""
+    clock = Clock()
+
+    class Conflicts(FakeWriter):  # each line refused with its own text, two causes
+        async def write(self, body: str) -> None:
+            if "conflict" in body:
+                raise WriteRejected(400, f"partial write: field type conflict: input field \"v\" on measurement "
+                                         f"\"conflict\" is type integer, already exists as type float dropped={body.count(chr(10)) + 1}")
+            raise WriteRejected(400, f"partial write: unable to parse '{body}': invalid field format dropped=1")
+
+    fwd = Forwarder(store, Conflicts(), batch_size=1, monotonic=clock)
+    put(store, [f"junk {i}" for i in range(150)] + [f"conflict v={i}i {i}" for i in range(126)])
+    with capture_logs() as logs:
+        await drain(fwd, store)
+    assert store.quarantined_count == 276
+    quarantined = events(logs, "influx_lines_quarantined")
+    assert [(e["first_bad_line"], e["suppressed"]) for e in quarantined] == [("junk 0", 0), ("conflict v=0i 0", 0)]
+    assert len(events(logs, "influx_batch_refused")) == 2  # the per-batch line is limited the same way
+
+    clock.now += Forwarder.QUARANTINE_LOG_EVERY_S  # a minute later, the same cause again
+    put(store, ["junk again"])
+    with capture_logs() as logs:
+        await drain(fwd, store)
+    (again,) = events(logs, "influx_lines_quarantined")
+    assert again["first_bad_line"] == "junk again" and again["suppressed"] == 149
+    assert events(logs, "influx_batch_refused")[0]["suppressed"] == 149
+
+
+async def test_a_long_outage_is_logged_again_at_a_slow_cadence(store: Store) -> None:
+    """An outage was logged once, then nothing for hours: now every 5 minutes, with how long
+    it has lasted and the backlog, and its end with its length."""
+    clock = Clock()
+    writer = FakeWriter(fail=WriteFailed("http://db:8086/write: ClientConnectorError: connection refused"))
+    stop = asyncio.Event()
+    retries = 0
+
+    async def fake_sleep(s: float) -> None:  # every retry wait lasts a minute of the fake clock
+        nonlocal retries
+        retries += 1
+        clock.now += 60.0
+        if retries == 21:  # 20 minutes down: the server is back
+            writer.fail = None
+        await asyncio.sleep(0)
+
+    put(store, ["m v=1i 1", "m v=2i 2"])
+    fwd = Forwarder(store, writer, sleep=fake_sleep, monotonic=clock, rng=EdgeRng("high"))  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        task = asyncio.create_task(fwd.run(stop))
+        while store.backlog():
+            await asyncio.sleep(0)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert [e["event"] for e in logs if e["log_level"] in ("warning", "info")] == [
+        "influx_write_failed", "influx_still_down", "influx_still_down", "influx_still_down", "influx_still_down",
+        "influx_write_recovered"]
+    down = events(logs, "influx_still_down")
+    assert [e["outage_s"] for e in down] == [300.0, 600.0, 900.0, 1200.0]
+    assert all(e["backlog"] == 2 and "connection refused" in e["error"] for e in down)
+    assert events(logs, "influx_write_recovered")[0]["outage_s"] == 1260.0
+
+
+async def test_a_server_that_never_answers_is_named_with_its_timeout(tmp_path: Path) -> None:
+    """Accepts the connection, reads the request, never answers: the error used to be an empty
+    ``TimeoutError: ``."""
+    done = asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await done.wait()
+        writer.close()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for writer, url in [(V1Writer(f"http://127.0.0.1:{port}", "db", timeout=0.2), f"http://127.0.0.1:{port}/write"),
+                            (V2Writer(f"http://127.0.0.1:{port}", "b", org="o", token="t", timeout=0.2),
+                             f"http://127.0.0.1:{port}/api/v2/write")]:
+            with pytest.raises(WriteFailed) as err:
+                await writer.write("m v=1 1")
+            await writer.close()
+            assert str(err.value).startswith(f"{url}: no answer within 0.2 s (influx.timeout)"), str(err.value)
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("status, kind", [
     (400, WriteRejected), (413, WriteRejected), (422, WriteRejected),
     (401, WriteFailed), (403, WriteFailed), (404, WriteFailed),
@@ -380,6 +520,101 @@ def test_make_writer_and_lazy_client_import() -> None:
             "import agentd.store, agentd.lineproto; make_writer(InfluxConfig(url='http://x:1', token='t')); "
             "assert 'influxdb_client' not in sys.modules, 'imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# What runs on the event loop's thread while the loop runs, in a fresh interpreter: every module
+# import (the audit hook's "import" event) and every TLS context built (loading the system's CA
+# bundle takes ~50 ms). Then make_forwarder and the first write, as `agentd run` does them.
+_LOOP_WORK_PROBE = """
+import asyncio, json, ssl, sys, tempfile, threading
+from pathlib import Path
+
+on_loop = {"imports": [], "ssl_contexts": 0}
+loop_running = False
+
+def hook(event, args):
+    if event == "import" and loop_running and threading.current_thread() is threading.main_thread():
+        on_loop["imports"].append(args[0])
+
+sys.addaudithook(hook)
+real_context = ssl.create_default_context
+
+def counting_context(*a, **k):
+    if loop_running and threading.current_thread() is threading.main_thread():
+        on_loop["ssl_contexts"] += 1
+    return real_context(*a, **k)
+
+ssl.create_default_context = counting_context
+
+from agentd.config import AgentConfig
+from agentd.influx import WriteFailed
+from agentd.service import make_forwarder
+from agentd.store import Store
+
+async def main():
+    global loop_running
+    loop_running = True
+    store = Store(Path(tempfile.mkdtemp()) / "store.sqlite")
+    fwd = make_forwarder(AgentConfig.model_validate({"influx": {"url": sys.argv[1], "token": "t"}}), store)
+    try:
+        await fwd.writer.write("probe v=1 1")
+        outcome = "written"
+    except WriteFailed as exc:
+        outcome = str(exc)
+    await fwd.writer.close()
+    store.close()
+    loop_running = False
+    print(json.dumps({**on_loop, "outcome": outcome, "loaded": "influxdb_client" in sys.modules}))
+
+asyncio.run(main())
+"""
+
+
+def loop_work(url: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _LOOP_WORK_PROBE, url], check=True, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_influxdb_client_is_loaded_off_the_event_loop() -> None:
+    """The first ticks after a start were 0.13-0.41 s late: the first write imported
+    influxdb-client (~0.4 s) on the loop. Now make_forwarder starts the import in a worker."""
+    work = loop_work("http://127.0.0.1:1")  # nothing listens: the write fails, after the import
+    assert work["loaded"] and "Cannot connect" in work["outcome"], work
+    assert [m for m in work["imports"] if m.split(".")[0] == "influxdb_client"] == [], work["imports"]
+    assert work["ssl_contexts"] == 0
+
+
+_CANCEL_PROBE = """
+import asyncio, sys
+from agentd.influx import V2Writer, WriteFailed
+
+async def main():
+    first = V2Writer("http://127.0.0.1:1", "b", token="t")
+    task = asyncio.ensure_future(first.write("m v=1 1"))  # waits for the import, which is under way
+    await asyncio.sleep(0)
+    task.cancel()  # a stop or a flush deadline
+    await asyncio.gather(task, return_exceptions=True)
+    try:
+        await V2Writer("http://127.0.0.1:1", "b", token="t").write("m v=1 1")
+    except WriteFailed as exc:
+        print("later write:", exc)
+
+asyncio.run(main())
+"""
+
+
+def test_a_cancelled_first_write_does_not_cancel_the_shared_import() -> None:
+    out = subprocess.run([sys.executable, "-c", _CANCEL_PROBE], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "later write: http://127.0.0.1:1/api/v2/write: " in out.stdout, out.stderr
+
+
+@pytest.mark.integration
+def test_first_write_to_a_real_server_does_no_loading_on_the_loop(services) -> None:
+    work = loop_work(services.vm_url)
+    assert work["outcome"] == "written" and work["loaded"], work
+    assert work["imports"] == [] and work["ssl_contexts"] == 0, work
 
 
 # -- real servers ----------------------------------------------------------------------------
@@ -492,11 +727,11 @@ async def test_hostile_values_read_back_as_documented_on_influxdb1(services, inf
     assert len(rows) == len(HOSTILE)
     for i, v in enumerate(HOSTILE):
         r = rows[f"{i:02d}"]
-        assert r["k"] == documented_name(v), (v, r["k"])
+        assert r["k"] == documented_tag_value(v), (v, r["k"])
         assert r["s"] == documented_string(v), (v, r["s"])
     (row,) = services.influx1_rows("hostile_keys", influx1_db)
     for k, v in fields.items():
-        assert row[documented_name(k)] == v, k
+        assert row[documented_field_key(k)] == v, k
 
 
 @pytest_integration
@@ -510,7 +745,7 @@ async def test_hostile_values_read_back_as_documented_on_victoriametrics(service
     services.vm_flush()
     series = services.vm_export(f'{{__name__="hostile_v",host="{host}"}}')
     got = {s["metric"]["i"]: s["metric"]["k"] for s in series}
-    assert got == {f"{i:02d}": documented_name(v) for i, v in enumerate(HOSTILE)}
+    assert got == {f"{i:02d}": documented_tag_value(v) for i, v in enumerate(HOSTILE)}
 
 
 async def _wait_backlog_zero(store: Store, timeout: float) -> None:
