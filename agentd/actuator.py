@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
+from agentd.backoff import ceiling_s
 from collectors.base import GpuBackend, GpuSample, LimitWriteError
 
 log = structlog.get_logger("agentd.actuator")
@@ -249,7 +250,7 @@ class Actuator:
         """Count a refused write, back off, and log only when the error changes."""
         control.write_errors += 1
         control.failures += 1
-        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2.0 ** min(control.failures - 1, 16))
+        delay = ceiling_s(control.failures - 1, RETRY_MIN_S, RETRY_MAX_S)
         control.retry_at = self.monotonic() + delay
         if error != control.error:
             control.error = error

@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import structlog
 
+from agentd.backoff import full_jitter_s
 from agentd.store import Batch, Store, StoreError
 
 if TYPE_CHECKING:
@@ -442,8 +443,7 @@ class Forwarder:
 
         A server's ``Retry-After`` (429/503) raises the delay to at least that, still capped.
         """
-        ceiling = min(self.backoff_max, self.backoff_base * (2.0 ** min(max(attempt, 1) - 1, 60)))
-        delay = self.rng.uniform(0.0, ceiling)
+        delay = full_jitter_s(max(attempt, 1) - 1, self.rng, self.backoff_base, self.backoff_max)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.backoff_max))
         return delay

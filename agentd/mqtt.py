@@ -32,6 +32,7 @@ from typing import Any
 import aiomqtt
 import structlog
 
+from agentd.backoff import equal_jitter_s
 from agentd.config import ConfigError, MqttConfig
 
 log = structlog.get_logger("agentd.mqtt")
@@ -51,8 +52,7 @@ STABLE_CONNECTION_S = 10.0
 def backoff_delay_s(attempt: int, rng: random.Random, min_s: float, max_s: float) -> float:
     """Delay before reconnect ``attempt`` (0-based): doubling from ``min_s``, capped at ``max_s``,
     uniformly jittered over the upper half of that value."""
-    cap = min(max_s, min_s * (2.0 ** min(attempt, 30)))
-    return rng.uniform(cap / 2.0, cap)
+    return equal_jitter_s(attempt, rng, min_s, max_s)
 
 
 def make_tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
