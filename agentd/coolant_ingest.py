@@ -39,9 +39,11 @@ class CoolantIngest:
         self.clock = clock
         self.parser = CoolantParser([s.to_subscription() for s in c.subscriptions], default_site=cfg.site,
                                     max_future_s=c.seconds("max_future"), max_age_s=c.seconds("max_age"))
+        # A sensor silent for longer than max_age is forgotten: a reading that old would be
+        # refused as ts_past anyway (collectors.coolant_state says which sensors count).
         self.state = state if state is not None else CoolantState(
             stale_floor_s=c.seconds("stale_floor"), stale_initial_s=c.seconds("stale_initial"),
-            max_sensors=c.max_sensors)
+            max_sensors=c.max_sensors, expire_after_s=c.seconds("max_age"))
         self.max_pending = c.max_pending
         self.msgs = 0  # messages received
         self.readings = 0  # readings accepted (into the state and the store)
@@ -76,8 +78,9 @@ class CoolantIngest:
                 extra = update(reading, now_mono, now_ns)
                 if extra is None:
                     self.reject(Rejection("too_many_sensors", topic, f"the coolant state holds "
-                                          f"{self.state.max_sensors} sensors already (coolant.max_sensors); "
-                                          "is a topic level that should be fixed carrying garbage?"), now_mono)
+                                          f"{self.state.max_sensors} sensors already (coolant.max_sensors), all "
+                                          "of established units; raise coolant.max_sensors, or is a topic level "
+                                          "that should be fixed carrying garbage?"), now_mono)
                     continue
                 self.readings += 1
                 ts_ns = reading.ts_ns if reading.ts_ns is not None else now_ns
@@ -105,9 +108,13 @@ class CoolantIngest:
         return lines
 
     def agent_fields(self) -> dict[str, int]:
-        """Counters for the ``agent`` point: totals plus one ``coolant_bad_<reason>`` per reason seen."""
+        """Counters for the ``agent`` point: totals, the sensor table (size, sensors forgotten after
+        long silence, probationary ones evicted for room) and one ``coolant_bad_<reason>`` per reason seen."""
+        state = self.state
         out = {"coolant_msgs": self.msgs, "coolant_readings": self.readings,
-               "coolant_bad_msgs": self.bad_msgs, "coolant_pending_dropped": self.pending_dropped}
+               "coolant_bad_msgs": self.bad_msgs, "coolant_pending_dropped": self.pending_dropped,
+               "coolant_sensors": len(state), "coolant_sensors_expired": state.expired,
+               "coolant_sensors_evicted": state.evicted}
         for reason, n in self.bad.items():
             out[f"coolant_bad_{reason}"] = n
         return out

@@ -248,6 +248,45 @@ async def test_10000_garbage_messages_interleaved_every_good_one_lands_every_bad
 
 
 @integration
+async def test_influx_bad_entries_long_topics_and_one_off_units_through_the_broker_cost_only_themselves(
+        services, tmp_path):
+    from tests.test_lp_parser import BAD_LINES
+
+    prefix = f"cool-{uuid.uuid4().hex[:8]}"
+    daemon = make_daemon(services, tmp_path, prefix=prefix, fmt="influx",
+                         clock=FakeClock(start_wall_ns=time.time_ns()))
+    await daemon.start()
+    link_stop = asyncio.Event()
+    link_task = asyncio.create_task(daemon.mqtt.run(link_stop))
+    await wait_for(lambda: daemon.mqtt.connected, what="daemon connected")
+    messages = []
+    for i, (_, bad, _) in enumerate(BAD_LINES):  # one good entry before and after each bad one
+        messages.append((f"{prefix}/s1/cdu-lp/tcs",
+                         f"coolant flow_lpm={i}\n{bad}\ncoolant supply_temp_c=30.{i}\n".encode()))
+    for i in range(50):  # MQTT allows 64 KiB topics; these are refused before anything is kept
+        messages.append((f"{prefix}/s1/{'x' * 60_000}{i}/tcs", b"coolant flow_lpm=1"))
+    for i in range(500):  # units seen once
+        messages.append((f"{prefix}/s1/ghost-{i}/tcs", b"coolant supply_temp_c=30,flow_lpm=100"))
+    async with aiomqtt.Client(services.mqtt_host, services.mqtt_port,
+                              identifier=f"lp-{uuid.uuid4().hex[:6]}") as pub:
+        for topic, payload in messages:
+            await pub.publish(topic, payload, qos=1)
+    await wait_for(lambda: daemon.coolant.msgs == len(messages), timeout_s=30, what="all messages received")
+    link_stop.set()
+    await link_task
+    assert daemon.mqtt.dropped == 0
+    assert dict(daemon.coolant.bad) == {"bad_line_protocol": len(BAD_LINES), "topic_too_long": 50}
+    assert daemon.coolant.readings == 2 * len(BAD_LINES) + 500
+    daemon.clock.advance(31.0)  # the ghosts are stale now; they never degrade the loop
+    await daemon.tick()
+    tcs = daemon.state.coolant.loop("tcs", daemon.clock.monotonic())
+    assert not tcs.degraded and tcs.series == 501
+    lines = daemon.store.query(measurement="coolant")
+    assert sum("unit=cdu-lp" in line for line in lines) == 2 * len(BAD_LINES)
+    await daemon.shutdown()
+
+
+@integration
 async def test_status_is_retained_online_then_offline_on_a_clean_stop(services, tmp_path):
     daemon = make_daemon(services, tmp_path, prefix=f"cool-{uuid.uuid4().hex[:8]}")
     await daemon.start()

@@ -83,7 +83,7 @@ def test_value_format_dsx_style_field_from_topic():
                     json.dumps({"value": 31.4, "timestamp": NOW_MS, "quality": 1}))
     assert rej == [] and r.fields == {"supply_temp_c": 31.4, "quality": 1.0} and r.ts_ns == NOW_NS
     assert (r.site, r.unit, r.loop) == ("s1", "cdu-1", "tcs")
-    (r,), _ = one("bms/s1/cdu-1/tcs/LeakDetectorState", '{"value": "Warning", "timestamp": %d}' % NOW_MS)
+    (r,), _ = one("bms/s1/cdu-1/tcs/LeakDetectorState", f'{{"value": "Warning", "timestamp": {NOW_MS}}}')
     assert r.fields == {"leak": "Warning"}
     (r,), _ = one("bms/s1/cdu-1/FWS/flow_lpm", "212.5")  # bare scalar; canonical segment; loop alias
     assert r.fields == {"flow_lpm": 212.5} and r.loop == "facility" and r.ts_ns is None
@@ -104,10 +104,13 @@ def test_influx_format_lines_with_tags_string_leak_and_timestamp():
 
 
 def test_influx_bad_line_is_dropped_and_counted_good_lines_kept():
-    body = 'coolant,loop=tcs supply_temp_c=31\ncoolant,loop=tcs supply_temp_c=\ncoolant,loop=tcs flow_lpm=nan\n'
+    body = ('coolant,loop=tcs supply_temp_c=31\ncoolant,loop=tcs supply_temp_c=\ncoolant,loop=tcs flow_lpm=nan\n'
+            'coolant,loop=tcs flow_lpm=-1\n')
     readings, rej = one("lp/s/u", body)
-    assert len(readings) == 1 and [r.reason for r in rej] == ["bad_line_protocol", "not_finite"]
-    assert rej[0].detail.startswith("line 2:")
+    assert len(readings) == 1 and [r.reason for r in rej] == ["bad_line_protocol", "bad_line_protocol", "out_of_range"]
+    assert rej[0].detail.startswith("line 2, column 32:") and "(rule field_value)" in rej[0].detail
+    assert rej[1].detail.startswith("line 3, column 27:")  # nan is no line protocol number
+    assert rej[2].detail.startswith("line 4:")
 
 
 def test_parse_line_escapes_and_quotes():
@@ -219,7 +222,14 @@ def test_pending_lines_are_bounded():
 def test_sensor_table_is_bounded_against_garbage_topics():
     ing = ingest(max_sensors=10)
     ing.handle_batch([(f"cooling/s/u{i}/tcs", b'{"flow_lpm": 1}') for i in range(20)])
-    assert ing.readings == 10 and ing.bad == {"too_many_sensors": 10}
+    # one-off units make room for each other (the least recently heard from goes first)
+    assert ing.readings == 20 and ing.bad == {} and len(ing.state) == 10
+    assert ing.agent_fields()["coolant_sensors_evicted"] == 10 and ing.agent_fields()["coolant_sensors"] == 10
+    for _ in range(3):  # ten units the node comes to depend on fill the table...
+        ing.handle_batch([(f"cooling/s/e{i}/tcs", b'{"flow_lpm": 1}') for i in range(10)])
+        ing.clock.advance(5)
+    ing.handle_batch([("cooling/s/late/tcs", b'{"flow_lpm": 1}')])  # ...and are never evicted
+    assert ing.bad == {"too_many_sensors": 1} and len(ing.state) == 10
 
 
 # -- property tests: no exception ever escapes ---------------------------------------------------
@@ -259,7 +269,7 @@ def test_no_payload_makes_any_parser_raise(topic, payload, now_s):
     p = parser()
     readings, rejections = p.parse(topic, payload, now_s * 10**9)
     for r in readings:
-        for name, v in r.fields.items():
+        for v in r.fields.values():
             assert v == "OK" or isinstance(v, str) or math.isfinite(v)
     assert all(rej.reason in REASONS and rej.reason != "internal_error" for rej in rejections)
 

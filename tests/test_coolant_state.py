@@ -59,9 +59,21 @@ def test_stale_after_has_a_floor_an_initial_value_and_a_fixed_override():
     assert state.sensor(key, "flow_lpm", clock.monotonic()).status == "ok"
 
 
+def establish(state: CoolantState, clock: FakeClock, *units: str) -> None:
+    """Three messages over 5 s (the stale floor): the node now depends on these units."""
+    for i in range(3):
+        for u in units:
+            feed(state, clock, reading(unit=u, supply_temp_c=30.0))
+        if i < 2:
+            clock.advance(2.5)
+    assert all(state.is_established(SeriesKey("s", "tcs", u, "")) for u in units)
+
+
 def test_quality_not_one_and_an_unavailable_leak_detector_are_degraded():
     clock = FakeClock(start_wall_ns=WALL)
     state = CoolantState()
+    establish(state, clock, "a", "b")
+    clock.advance(1.0)
     feed(state, clock, reading(unit="a", supply_temp_c=40.0, quality=0))
     feed(state, clock, reading(unit="b", supply_temp_c=31.0, leak="Unavailable"))
     tcs = state.loop("tcs", clock.monotonic())
