@@ -206,7 +206,9 @@ class SubscriptionConfig(_Section):
     def _check_tags(self) -> SubscriptionConfig:
         levels = self.topic.split("/")
         if levels[-1] != "#":
-            for tag, index in {**self.topic_tags, "(field_segment)": self.field_segment}.items():
+            segments: dict[str, int] = {str(tag): i for tag, i in self.topic_tags.items()}
+            segments["(field_segment)"] = self.field_segment
+            for tag, index in segments.items():
                 if tag == "(field_segment)" and self.format != "value":
                     continue
                 if not -len(levels) <= index < len(levels):

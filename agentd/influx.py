@@ -38,7 +38,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import structlog
@@ -264,7 +264,7 @@ class V2Writer(_BodyWriter):
                 org=self.org, bucket=self.bucket, body=payload, precision="ns",
                 content_type="text/plain; charset=utf-8", **kwargs)
         except ApiException as exc:
-            headers = exc.headers or {}
+            headers: Mapping[str, str] = exc.headers or {}
             classify(int(exc.status or 0), _error_text(exc.body) or str(exc.reason or ""),
                      headers.get("Retry-After") if hasattr(headers, "get") else None)
             raise WriteFailed(f"{self.url}: HTTP {exc.status}: {exc.reason}") from exc
@@ -492,22 +492,22 @@ class Forwarder:
                                   hint="the batch will be sent again (replays are idempotent)")
                 if write.cancelled():
                     return
-                exc = write.exception()
-                if exc is not None and not isinstance(exc, (WriteRejected, WriteFailed)):
-                    exc = _unexpected(exc)
-                if exc is None:
+                error = write.exception()
+                if error is not None and not isinstance(error, (WriteRejected, WriteFailed)):
+                    error = _unexpected(error)
+                if error is None:
                     self._on_success(batch)
                     to_ack = batch
                     nxt = prefetched
-                elif isinstance(exc, WriteRejected):
-                    outcome = await self._refused(batch, exc)
-                    if outcome is not True:
+                elif isinstance(error, WriteRejected):
+                    outcome = await self._refused(batch, error)
+                    if isinstance(outcome, WriteFailed):  # the server failed mid-bisection
                         await self._back_off(stop, outcome)
                         continue
                     nxt = prefetched
                 else:
-                    self._on_failed(exc)
-                    await self._back_off(stop, exc)
+                    self._on_failed(error)
+                    await self._back_off(stop, error)
         finally:
             if to_ack is not None:
                 self.store.ack(to_ack)

@@ -254,14 +254,15 @@ def encode(point: Point) -> str | None:
                 continue
         elif value is None:
             continue
-        elif t is int and _INT64_MIN <= value <= _INT64_MAX:
+        elif t is int and _INT64_MIN <= value <= _INT64_MAX:  # type: ignore[operator]  # t is int
             text = f"{value}i"
         elif t is bool:
             text = "true" if value else "false"
         else:
-            text = _field_value(value)
-            if text is None:
+            field_text = _field_value(value)
+            if field_text is None:
                 continue
+            text = field_text
         ekey = key_cache.get(key)
         if ekey is None:
             if not key:
