@@ -9,38 +9,75 @@ Why SQLite in WAL mode: a committed append survives a crash of the process (kill
 WAL recovery at the next open is automatic; ``synchronous=NORMAL`` skips the fsync per commit
 (a power cut may lose the last few ticks, never corrupt the file), so an append costs tens of
 microseconds. Rows are keyed by an ``AUTOINCREMENT`` id, so ids are never reused even when the
-table empties: a batch taken before a size-cap purge can never ack rows appended after it.
+table empties: a batch taken before a size-cap purge can never ack rows appended after it (and
+``ack`` deletes exactly the batch's rows).
+
+Checkpoints are off the event loop. SQLite's automatic checkpoint runs inside whichever commit
+takes the WAL past its threshold: the tick's append, on the loop (~80 ms on a 1 GiB store on a
+small VM). So the writer connection has ``wal_autocheckpoint = 0`` and the store's own
+checkpointer thread, on its own connection, runs a PASSIVE checkpoint (which never blocks the
+writer in WAL mode) whenever the WAL passes ``checkpoint_bytes`` (1/256 of the bound or of the
+file system, whichever is smaller, between 64 KiB and 16 MiB); the bounds step wakes it at the
+end of each tick's writes, so a pass has the whole interval before the next commit. The WAL's
+allowance is four thresholds; ``journal_size_limit`` cuts its file back to that when the WAL
+starts over. Should the thread fall behind (or be off), the bounds step checkpoints inline once
+the WAL is over its allowance: slower ticks rather than a full disk.
 
 Bounds (``enforce_bounds``, called every tick): retention and the size bound are one bounded
 maintenance step per call, not a purge, so they never stall the tick. Each call deletes at most
 ``max_rows`` rows (oldest first, by index: ~2 us a row, so the default 1000 costs ~2-3 ms on a
 2-core VM) and hands back at most ``_VACUUM_STEP_PAGES`` free pages; a store within its bounds
-costs a few index lookups and two header pragmas (tens of microseconds), never a table scan.
-The budget must exceed what a tick appends (64 GPUs at 20 Hz append ~66 rows a tick; the daemon
-passes at least twice the tick's lines), so an over-full store converges: a 1 GiB store 10 %
-over its bound (~300k rows) is back within it in ~300 ticks. Not bounded here yet: SQLite's
-automatic WAL checkpoint, which runs inside whichever commit takes the WAL past 1000 pages
-(16 MiB; ~80 ms on a 1 GiB store on a small VM, every ~25 ticks while converging), and the WAL's
-size is not counted in the size bound; both belong in this step next.
+costs a few index lookups, two header pragmas, three stats and a statvfs (tens of microseconds),
+never a table scan. The budget must exceed what a tick appends (64 GPUs at 20 Hz append ~66
+rows a tick; the daemon passes at least twice the tick's lines), so an over-full store
+converges: a 1 GiB store 10 % over its bound (~300k rows) is back within it in ~300 ticks.
 
-Size bound: the used size is ``(page_count - freelist_count) * page_size`` (deleted rows leave
-free pages that are reused; the file itself need not shrink). Above ``max_bytes`` the oldest rows
-are deleted (quarantined ones first) towards 90 % of the bound, at most ``max_rows`` per call:
-data loss, counted in ``dropped`` (persisted in the ``meta`` table) and logged as a warning
-naming the store, at most once a minute. Retention is expected ageing and is not counted. The
-database uses incremental auto-vacuum so that, once a large backlog has drained, the free pages
-are handed back to the file system a megabyte per call.
+Size bound: ``size_bytes()`` is what the store holds: the database pages in use
+(``(page_count - freelist_count) * page_size``; deleted rows leave free pages that are reused)
+plus the WAL file. The rows get ``max_bytes`` less the WAL's allowance and the free-space
+reserve (below), so the files stay within ``max_bytes``; above that the oldest rows are deleted
+(quarantined ones first) towards 90 % of it, at most ``max_rows`` per call: data loss, counted
+in ``dropped`` (persisted in the ``meta`` table) and logged as a warning naming the store, at
+most once a minute. Retention is expected ageing and is not counted. The database uses incremental
+auto-vacuum so that, once a large backlog has drained, the free pages are handed back to the
+file system a megabyte per call.
+
+A full disk: the rows may also not outgrow the free space of the file system, less what the
+WAL may still need and ``_DISK_HEADROOM`` for the next commits, so on a small state directory
+the oldest are dropped before the disk fills, a few pages' worth a call, as for ``max_bytes``
+(warned with ``reason="disk"``). When the disk fills anyway (another process took the space),
+an append (or a bounds step) that gets SQLITE_FULL frees space in the same call -- releases
+the reserve file (``store.sqlite-reserve``, kept so that a checkpoint can still complete on a
+full disk), checkpoints, deletes the oldest rows -- and retries, a bounded number of times: the
+newest readings are kept, the oldest dropped, counted (``dropped``, ``disk_full_events``) and
+logged as an error. The reserve is made again once there is room.
+
+Damage: a store that SQLite reports malformed (SQLITE_CORRUPT / SQLITE_NOTADB) at the open --
+where a quick check runs for at most ``check_s`` -- or in any later call is moved aside with its
+-wal and -shm (``store.sqlite.damaged-<UTC time>``, logged as an error naming it), a fresh store
+takes its place at once (so the tick and the forwarder carry on), and a thread salvages what is
+readable of the damaged copy into it: the rows in id order, skipping the damaged pages by
+seeking past them, with their ids (below every new one), so the oldest stay first. A batch in
+flight when the damage was met may be shipped again (replays are idempotent). A daemon stopped
+while salvaging resumes at the next open (``<copy>.salvage`` records the progress). The two
+newest damaged copies are kept for inspection.
+
+Versions: the schema carries ``PRAGMA user_version`` (``SCHEMA_VERSION``). An older store is
+migrated in place at the open (its data kept); a newer one is refused, untouched, with a
+message naming both versions and what to do.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TypeVar
 
 import structlog
 
@@ -48,7 +85,10 @@ from agentd.lineproto import escape_measurement
 
 log = structlog.get_logger("agentd.store")
 
-__all__ = ["BOUNDS_MAX_ROWS", "Batch", "BoundsStep", "Store", "StoreError"]
+__all__ = ["BOUNDS_MAX_ROWS", "SCHEMA_VERSION", "Batch", "BoundsStep", "CheckpointStats", "Store",
+           "StoreError"]
+
+SCHEMA_VERSION = 1  # PRAGMA user_version of the files this code writes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
@@ -64,8 +104,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason         TEXT NOT NULL,
     quarantined_ns INTEGER NOT NULL
 );
--- Retention runs every tick: without this index each call would scan the quarantine. Files
--- made before it existed get it here, at the next open (the schema runs on every open).
+-- Retention runs every tick: without this index each call would scan the quarantine.
 CREATE INDEX IF NOT EXISTS quarantine_ts ON quarantine (ts_ns);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -73,15 +112,66 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 """
 
+# Migrations: _MIGRATIONS[v] takes a store from version v to v + 1, in one transaction with the
+# version bump. Version 0 is every file made before the version existed (agentd 0.1: the same
+# tables, without quarantine_ts in the earliest); creating what is missing is its migration.
+_MIGRATIONS: dict[int, str] = {0: _SCHEMA}
+
 BOUNDS_MAX_ROWS = 1000         # rows one enforce_bounds call may delete, by default (~2-3 ms)
-_SIZE_TARGET = 0.9             # above max_bytes, delete towards this fraction of it (hysteresis)
+_SIZE_TARGET = 0.9             # above the bound, delete towards this fraction of it (hysteresis)
 _VACUUM_STEP_PAGES = 64        # free pages handed back per call (1 MiB at 16 KiB pages, ~3 ms)
 _VACUUM_MIN_FREE_PAGES = 256   # only bother when at least this many pages (4 MiB) are free
 _DROP_WARN_EVERY_NS = 60 * 10**9  # one "store full" warning a minute, with the count since the last
 
+_CHECKPOINT_MIN = 64 * 1024        # WAL bytes that wake the checkpointer: at least this ...
+_CHECKPOINT_MAX = 16 * 1024 * 1024  # ... at most this (SQLite's default, 1000 pages of 16 KiB) ...
+_CHECKPOINT_SHARE = 256            # ... else 1/256 of min(max_bytes, file system size)
+_WAL_ALLOWANCE = 4                 # the WAL may reach this many thresholds before the tick checkpoints
+_CHECKPOINT_PASSES = 5             # passes checkpoint() makes to catch up with commits meanwhile
+_CHECKPOINT_POLL_S = 1.0           # the checkpointer also looks this often without a wake-up
+_INLINE_CHECKPOINT_WAIT_S = 0.1    # inline fallback: how long to wait for the thread's checkpoint
+_DISK_HEADROOM = 512 * 1024        # free disk a disk-bound store keeps for the WAL's next commits
+                                   # (a commit writes 5-25 pages of 16 KiB to the WAL)
+_RESERVE_MIN = 256 * 1024          # the reserve file is at least this
+_DISK_DROP_PAGES = 4               # a disk-bound delete takes this many pages' worth of rows a call
+_FULL_RETRIES = 3                  # SQLITE_FULL on append: free space and retry this many times
+_FULL_DROP_MIN = 200               # ... dropping at least this many rows (x4 each further try)
+
+_OPEN_CHECK_S = 0.5      # quick_check budget at open: all of a cached 1 GiB store takes ~1.1 s
+_SALVAGE_CHUNK = 1000    # rows per salvage transaction (a few ms under the store's lock)
+_KEEP_DAMAGED = 2        # damaged copies kept for inspection (older ones are removed)
+
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
+_MAX_ID = 2**63 - 1
+
+T = TypeVar("T")
+
 
 class StoreError(Exception):
     """The store cannot be opened or written; the message names the file and what to do."""
+
+
+class _Damaged(Exception):
+    """Internal: SQLite reported the file malformed while opening it."""
+
+
+def _code(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _is_damage(exc: BaseException) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB: the file itself is bad; retrying cannot help."""
+    code = _code(exc)
+    if code is not None:
+        return code in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+def _is_full(exc: BaseException) -> bool:
+    code = _code(exc)
+    return code == _SQLITE_FULL if code is not None else "disk is full" in str(exc)
 
 
 @dataclass(slots=True)
@@ -111,8 +201,10 @@ class BoundsStep:
     dropped: int = 0              # lines deleted by the size bound (data loss; in ``Store.dropped``)
     dropped_quarantined: int = 0  # of ``dropped``, those taken from the quarantine
     vacuumed_pages: int = 0       # free pages handed back to the file system
-    used_bytes: int = 0           # the used size after the step
+    used_bytes: int = 0           # the used size after the step (``Store.size_bytes()``)
     within_bounds: bool = True    # False: more work is left for the next calls
+    checkpointed: bool = False    # the WAL was over its allowance: checkpointed inline
+    disk_limited: bool = False    # the free disk space, not max_bytes, set the bound
 
     @property
     def deleted(self) -> int:
@@ -120,29 +212,94 @@ class BoundsStep:
         return self.aged + self.dropped
 
 
-class Store:
-    """Line protocol lines with their timestamps, oldest first (see the module docstring)."""
+@dataclass(slots=True)
+class CheckpointStats:
+    """The background checkpointer's work (for the bench and the agent's own telemetry)."""
 
-    def __init__(self, path: Path | str, *, max_bytes: int = 1_073_741_824) -> None:
+    runs: int = 0             # checkpoints run by the thread
+    inline: int = 0           # checkpoints the tick had to run itself (thread behind or off)
+    failures: int = 0
+    max_s: float = 0.0        # the longest one
+    total_s: float = 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class _Usage:
+    """The store's bytes on disk and the room around it, read in a few microseconds."""
+
+    db_used: int    # pages in use
+    db_file: int    # all pages (the file's extent; free pages are reused before it grows)
+    wal: int        # the WAL file
+    free_disk: int  # available on the file system
+
+    @property
+    def total(self) -> int:
+        """``size_bytes()``: the rows' pages and the WAL (the reserve is budgeted, not counted)."""
+        return self.db_used + self.wal
+
+
+class Store:
+    """Line protocol lines with their timestamps, oldest first (see the module docstring).
+
+    ``check_s`` bounds the quick check at open (0: none); ``checkpoint_thread=False`` leaves the
+    checkpoints to whoever calls ``checkpoint()`` (tests), with the inline fallback still on.
+    """
+
+    def __init__(self, path: Path | str, *, max_bytes: int = 1_073_741_824, check_s: float = _OPEN_CHECK_S,
+                 checkpoint_thread: bool = True) -> None:
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
+        self._wal_path = Path(f"{self.path}-wal")
+        self._shm_path = Path(f"{self.path}-shm")
+        self._reserve_path = Path(f"{self.path}-reserve")
         # One connection, used from the event loop and from the forwarder's worker thread; the
-        # lock keeps each public operation (and its transaction) whole.
+        # lock keeps each public operation (and its transaction) whole. The checkpointer has its
+        # own connection under its own lock (taken after the store lock, never before it).
         self._lock = threading.RLock()
-        self._conn = self._open()
-        cur = self._conn.cursor()
-        self._page_size = cur.execute("PRAGMA page_size").fetchone()[0]
-        self._backlog = cur.execute("SELECT count(*) FROM points").fetchone()[0]
-        self._quarantined = cur.execute("SELECT count(*) FROM quarantine").fetchone()[0]
-        row = cur.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-        self._dropped = int(row[0]) if row else 0
-        cur.close()
+        self._ckpt_lock = threading.Lock()
+        self._ckpt_conn: sqlite3.Connection | None = None
+        self._stop = threading.Event()
+        self._ckpt_wake = threading.Event()
+        self._ckpt_thread: threading.Thread | None = None
+        self._salvage_thread: threading.Thread | None = None
+        self._salvage_queue: list[Path] = []  # damaged copies to salvage, oldest first
+        self._salvage_lock = threading.Lock()
+        self._salvage_running = False
         self._unwarned = self._unwarned_q = 0  # size-bound drops (of which quarantined) not yet warned
         self._warned_ns: int | None = None  # when the last "store full" warning was logged
+        self._full_warned_ns: int | None = None
+        self._full_unwarned = 0  # rows dropped for a full disk, not yet in a log line
+        self._ckpt_warned_ns: int | None = None
+        self.checkpoint_stats = CheckpointStats()
+        self.disk_full_events = 0   # appends and bounds steps that met a full disk (SQLITE_FULL)
+        self.recoveries = 0         # damaged stores moved aside since this process opened it
+        self.salvaged = 0           # rows copied from damaged copies into this store
+        self.salvage_lost_ids = 0   # ids skipped over damaged pages (an upper bound on rows lost)
+        self._backlog = self._quarantined = self._dropped = 0
+        self._page_size = 16384
+        self._check_directory()
+        self._size_limits()
+        aside = None
+        try:
+            self._conn = self._open_checked(check_s)
+        except _Damaged as exc:
+            aside = self._move_aside(f"at open: {exc}")
+            self._conn = self._open_checked(0)
+        self._load_counters()
+        if aside is not None:
+            self._carry_over(aside)
+        self._ensure_reserve()
+        self._salvage_queue.extend(self._pending_salvages())
+        if self._salvage_queue:
+            self._start_salvage()
+        if checkpoint_thread:
+            self._ckpt_thread = threading.Thread(target=self._checkpointer, name="store-checkpoint",
+                                                 daemon=True)
+            self._ckpt_thread.start()
 
     # -- opening ---------------------------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
+    def _check_directory(self) -> None:
         directory = self.path.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -153,91 +310,311 @@ class Store:
             raise StoreError(f"store {self.path}: directory {directory} is not writable by this user "
                              "(SQLite needs to create its -wal and -shm files there; fix the ownership or "
                              "set state_dir)")
+
+    def _size_limits(self) -> None:
+        """The WAL threshold, its allowance and the reserve, from the bound and the file system.
+
+        On a file system smaller than ``max_bytes`` the file system sets them: a 16 MiB WAL on a
+        3 MB state directory would fill it before the first checkpoint.
+        """
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            # Page size and auto_vacuum take effect only on a new file (no-ops on an existing one).
-            # 16 KiB pages make the bulk delete after a 2xx markedly cheaper than 4 KiB ones.
-            conn.execute("PRAGMA page_size = 16384")
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            st = os.statvfs(self.path.parent)
+            fs_bytes = st.f_blocks * st.f_frsize
+        except OSError:
+            fs_bytes = self.max_bytes
+        cap = min(self.max_bytes, fs_bytes) if fs_bytes > 0 else self.max_bytes
+        self.checkpoint_bytes = max(_CHECKPOINT_MIN, min(_CHECKPOINT_MAX, cap // _CHECKPOINT_SHARE))
+        # What the WAL may reach before the tick checkpoints itself: room for the thread to lose
+        # a few races with the commits (a pass some commit lands in cannot start the WAL over).
+        self.wal_allowance = _WAL_ALLOWANCE * self.checkpoint_bytes
+        # Room for a checkpoint and a delete to complete on a full disk: the new pages a WAL
+        # holds and a delete's frames (a commit writes 5-25 pages of 16 KiB to the WAL).
+        self.reserve_bytes = max(self.checkpoint_bytes, _RESERVE_MIN)
+
+    def _connect(self) -> sqlite3.Connection:
+        """Connect and set the pragmas; a store from a newer agentd is refused before anything
+        is written to it (``auto_vacuum`` rewrites the header, so it is set on new files only)."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has schema version {version}, newer than this agentd's "
+                    f"{SCHEMA_VERSION} (it was written by a newer agentd): run that version again, or "
+                    f"move {self.path.name} and its -wal file aside to start an empty store here; "
+                    "the file has been left untouched")
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                # A new file. 16 KiB pages make the bulk delete after a 2xx markedly cheaper than
+                # 4 KiB ones; incremental auto-vacuum hands a drained backlog's pages back.
+                conn.execute("PRAGMA page_size = 16384")
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreError(f"store {self.path}: cannot switch to WAL mode (got {mode!r}); "
                                  "is the file system a network mount?")
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA journal_size_limit = 67108864")  # truncate the WAL to 64 MiB
-            conn.execute("PRAGMA cache_size = -16384")            # 16 MiB page cache
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer thread does it
+            # When the WAL starts over its file is cut back to its allowance, not below: frames are
+            # then rewritten in place, without allocating (a file that grows waits for the file
+            # system's journal, which the checkpoint's fsync holds).
+            conn.execute(f"PRAGMA journal_size_limit = {self.wal_allowance}")
+            conn.execute("PRAGMA cache_size = -16384")     # 16 MiB page cache
             conn.execute("PRAGMA temp_store = MEMORY")
             conn.execute("PRAGMA busy_timeout = 5000")
-            conn.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"store {self.path}: cannot open: {exc} (if the file is damaged, move it "
-                             "aside; the daemon creates a new one)") from exc
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _open_checked(self, check_s: float) -> sqlite3.Connection:
+        """Connect, check for damage (bounded), migrate an older schema in place."""
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            if _is_damage(exc):
+                raise _Damaged(str(exc)) from exc
+            raise StoreError(f"store {self.path}: cannot open: {exc} (check the file's permissions and "
+                             "the free space in the state directory)") from exc
+        try:
+            if check_s > 0:
+                self._quick_check(conn, check_s)
+            self._migrate(conn, conn.execute("PRAGMA user_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            conn.close()
+            if _is_damage(exc):
+                raise _Damaged(str(exc)) from exc
+            raise StoreError(f"store {self.path}: cannot open: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _quick_check(self, conn: sqlite3.Connection, budget_s: float) -> None:
+        """Raise _Damaged when SQLite finds the file malformed, looking for at most ``budget_s``.
+
+        First the pages every tick touches (the schema, both ends of each table, the counters),
+        then ``PRAGMA quick_check`` (every b-tree page; ~1.1 s for a cached 1 GiB store),
+        interrupted at the budget: what it did not reach is caught by the first call that reads it.
+        """
+        for sql in ("SELECT count(*) FROM sqlite_master",
+                    "SELECT id FROM points ORDER BY id LIMIT 1", "SELECT max(id) FROM points",
+                    "SELECT id FROM quarantine ORDER BY id LIMIT 1", "SELECT max(id) FROM quarantine",
+                    "SELECT count(*) FROM meta"):
+            try:
+                conn.execute(sql).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc):  # a new or old file: _migrate creates it
+                    raise
+        timer = threading.Timer(budget_s, conn.interrupt)
+        timer.start()
+        try:
+            rows = conn.execute("PRAGMA quick_check(10)").fetchall()
+        except sqlite3.OperationalError as exc:
+            if "interrupt" not in str(exc):
+                raise
+            return  # the budget ran out before a fault was found
+        finally:
+            timer.cancel()
+        if rows != [("ok",)]:
+            raise _Damaged("; ".join(str(r[0]) for r in rows))
+
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        """Bring an older (or new, empty) file to SCHEMA_VERSION in place, keeping its rows."""
+        if version == SCHEMA_VERSION:
+            return
+        fresh = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for v in range(version, SCHEMA_VERSION):
+                self._run_script(conn, _MIGRATIONS[v])
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if not fresh:
+            log.info("store_migrated", store=str(self.path), from_version=version, to_version=SCHEMA_VERSION)
+
+    @staticmethod
+    def _run_script(conn: sqlite3.Connection, script: str) -> None:
+        """Each statement of ``script`` inside the open transaction (executescript would commit it)."""
+        for stmt in script.split(";"):
+            body = "\n".join(line for line in stmt.splitlines() if not line.strip().startswith("--"))
+            if body.strip():
+                conn.execute(body)
+
+    def _load_counters(self) -> None:
+        try:
+            cur = self._conn.cursor()
+            self._page_size = cur.execute("PRAGMA page_size").fetchone()[0]
+            self._backlog = cur.execute("SELECT count(*) FROM points").fetchone()[0]
+            self._quarantined = cur.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+            row = cur.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+            self._dropped = int(row[0]) if row else 0
+            cur.close()
+        except sqlite3.Error as exc:
+            if not _is_damage(exc):
+                raise StoreError(f"store {self.path}: cannot read its counters: {exc}") from exc
+            self._recover_unlocked("open", exc)
 
     # -- the tick --------------------------------------------------------------------------
 
     def append(self, lines: Sequence[tuple[int, str]]) -> None:
-        """Append ``(ts_ns, line)`` pairs in one transaction (called once per tick)."""
+        """Append ``(ts_ns, line)`` pairs in one transaction (called once per tick).
+
+        A full disk frees space (see the module docstring) and retries, at most ``_FULL_RETRIES``
+        times; a damaged store is moved aside and the lines go into the fresh one.
+        """
         if not lines:
             return
         with self._lock:
-            conn = self._conn
+            recovered = full = False
+            attempt = 0
+            while True:
+                try:
+                    self._insert(lines)
+                    break
+                except sqlite3.Error as exc:
+                    self._rollback()
+                    if _is_damage(exc) and not recovered:
+                        recovered = True
+                        self._recover_unlocked("append", exc)
+                        continue
+                    if _is_full(exc) and attempt < _FULL_RETRIES:
+                        if not full:
+                            full = True
+                            self.disk_full_events += 1
+                        self._make_room(max(_FULL_DROP_MIN, 2 * len(lines)) * 4**attempt)
+                        attempt += 1
+                        continue
+                    hint = (" (the disk stayed full after dropping the oldest rows: free space in the state "
+                            "directory)" if _is_full(exc) else "")
+                    raise StoreError(f"store {self.path}: append failed: {exc}{hint}") from exc
+            self._backlog += len(lines)
+        if self._wal_content() > self.wal_allowance:  # no bounds step woke the thread in time
+            self._ckpt_wake.set()
+
+    def _insert(self, lines: Sequence[tuple[int, str]]) -> None:
+        conn = self._conn
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO points (ts_ns, line) VALUES (?, ?)", lines)
+        conn.execute("COMMIT")
+
+    def _make_room(self, drop: int) -> None:
+        """The disk is full: give the reserve back, checkpoint, drop the ``drop`` oldest rows;
+        say so loudly.
+
+        The checkpoint first, so that the delete's pages go to the start of a restarted WAL
+        rather than needing more disk; the rows it frees are reused by the retried write,
+        which a second checkpoint lets start the WAL over too. Logged as an error at once, then
+        at most once a minute with the drops summed (a disk that stays full meets every tick).
+        """
+        released = self._release_reserve()
+        self._checkpoint_inline(truncate=False)
+        error = None
+        dropped = 0
+        if drop:
             try:
-                conn.execute("BEGIN")
-                conn.executemany("INSERT INTO points (ts_ns, line) VALUES (?, ?)", lines)
-                conn.execute("COMMIT")
+                dropped = sum(self._drop_oldest(drop))
             except sqlite3.Error as exc:
                 self._rollback()
-                raise StoreError(f"store {self.path}: append failed: {exc}") from exc
-            self._backlog += len(lines)
+                error = str(exc)
+            self._checkpoint_inline(truncate=False)
+        self._full_unwarned += dropped
+        now = time.monotonic_ns()
+        if self._full_warned_ns is not None and now - self._full_warned_ns < _DROP_WARN_EVERY_NS:
+            return
+        log.error("store_disk_full_dropped_oldest", store=str(self.path), dropped=self._full_unwarned,
+                  dropped_total=self._dropped, disk_full_events=self.disk_full_events,
+                  reserve_released=released, free_bytes=self._free_disk(), drop_error=error,
+                  hint=f"the file system of {self.path.parent} is full: free space there (or move "
+                       "state_dir); the newest readings are kept, the oldest dropped")
+        self._full_unwarned = 0
+        self._full_warned_ns = now
+
+    def _drop_oldest(self, n: int) -> tuple[int, int]:
+        """Delete the ``n`` oldest rows, quarantined first, counted as dropped; in one transaction."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        drop_q = self._delete_where("quarantine", "ORDER BY id", (), n)
+        drop_p = self._delete_where("points", "ORDER BY id", (), n - drop_q)
+        self._write_dropped(self._dropped + drop_q + drop_p)
+        conn.execute("COMMIT")
+        self._quarantined = max(0, self._quarantined - drop_q)
+        self._backlog = max(0, self._backlog - drop_p)
+        self._dropped += drop_q + drop_p
+        return drop_q, drop_p
+
+    def _write_dropped(self, value: int) -> None:
+        self._conn.execute("INSERT INTO meta (key, value) VALUES ('dropped', ?) "
+                           "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (value,))
 
     # -- the forwarder ---------------------------------------------------------------------
 
     def oldest(self, limit: int, *, after_id: int | None = None) -> Batch | None:
         """The oldest ``limit`` pending lines (after ``after_id`` when given), or None when none are."""
-        with self._lock:
+        def read() -> list[tuple[int, str]]:
             if after_id is None:
-                rows = self._conn.execute("SELECT id, line FROM points ORDER BY id LIMIT ?",
+                return self._conn.execute("SELECT id, line FROM points ORDER BY id LIMIT ?",
                                           (int(limit),)).fetchall()
-            else:
-                rows = self._conn.execute("SELECT id, line FROM points WHERE id > ? ORDER BY id LIMIT ?",
-                                          (int(after_id), int(limit))).fetchall()
+            return self._conn.execute("SELECT id, line FROM points WHERE id > ? ORDER BY id LIMIT ?",
+                                      (int(after_id), int(limit))).fetchall()
+
+        rows = self._guarded("read", read)
         if not rows:
             return None
         return Batch(rows[0][0], rows[-1][0], [r[1] for r in rows], len(rows), [r[0] for r in rows])
 
     def ack(self, batch: Batch) -> None:
-        """Delete everything through ``batch.last_id`` (the server answered 2xx)."""
-        with self._lock:
-            try:
-                cur = self._conn.execute("DELETE FROM points WHERE id <= ?", (batch.last_id,))
-            except sqlite3.Error as exc:
-                raise StoreError(f"store {self.path}: ack failed: {exc}") from exc
+        """Delete the batch's rows, and only those (the server answered 2xx).
+
+        Not "everything through ``last_id``": rows salvaged from a damaged copy may arrive with
+        ids inside the batch's span after it was read, and have not been shipped.
+        """
+        def delete() -> None:
+            where, params = _batch_rows(batch)
+            cur = self._conn.execute(f"DELETE FROM points WHERE {where}", params)
             self._backlog = max(0, self._backlog - cur.rowcount)
+
+        self._guarded("ack", delete)
 
     def quarantine(self, batch: Batch, reason: str) -> int:
         """Move the batch into the ``quarantine`` table with ``reason``; returns the rows moved."""
-        with self._lock:
-            return self._quarantine_unlocked(batch, reason)
+        return self._guarded("quarantine", lambda: self._quarantine_unlocked(batch, reason))
 
     def _quarantine_unlocked(self, batch: Batch, reason: str) -> int:
         conn = self._conn
         now = time.time_ns()
-        try:
-            conn.execute("BEGIN")
-            cur = conn.execute(
-                "INSERT OR REPLACE INTO quarantine (id, ts_ns, line, reason, quarantined_ns) "
-                "SELECT id, ts_ns, line, ?, ? FROM points WHERE id <= ?", (reason, now, batch.last_id))
-            moved = cur.rowcount
-            cur = conn.execute("DELETE FROM points WHERE id <= ?", (batch.last_id,))
-            deleted = cur.rowcount
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise StoreError(f"store {self.path}: quarantine failed: {exc}") from exc
+        where, params = _batch_rows(batch)
+        conn.execute("BEGIN")
+        cur = conn.execute(
+            "INSERT OR REPLACE INTO quarantine (id, ts_ns, line, reason, quarantined_ns) "
+            f"SELECT id, ts_ns, line, ?, ? FROM points WHERE {where}", (reason, now, *params))
+        moved = cur.rowcount
+        cur = conn.execute(f"DELETE FROM points WHERE {where}", params)
+        deleted = cur.rowcount
+        conn.execute("COMMIT")
         self._backlog = max(0, self._backlog - deleted)
         self._quarantined += moved
         return moved
+
+    def _guarded(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` under the lock; a damaged store is recovered and ``fn`` run once more on the
+        fresh one; any other SQLite error is a StoreError naming the file."""
+        with self._lock:
+            try:
+                return fn()
+            except sqlite3.Error as exc:
+                self._rollback()
+                if not _is_damage(exc):
+                    raise StoreError(f"store {self.path}: {what} failed: {exc}") from exc
+                self._recover_unlocked(what, exc)
+            try:
+                return fn()
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StoreError(f"store {self.path}: {what} failed on the fresh store: {exc}") from exc
 
     # -- figures ---------------------------------------------------------------------------
 
@@ -247,7 +624,7 @@ class Store:
 
     @property
     def dropped(self) -> int:
-        """Lines deleted by the size bound since the store was created (persisted)."""
+        """Lines deleted by the size bound or a full disk since the store was created (persisted)."""
         return self._dropped
 
     @property
@@ -255,17 +632,96 @@ class Store:
         """Lines held in the quarantine table."""
         return self._quarantined
 
-    def size_bytes(self) -> int:
-        """Bytes in use by the database (pages in use; free pages are reused and not counted)."""
-        with self._lock:
-            return self._size_bytes_unlocked()
+    @property
+    def salvaging(self) -> bool:
+        """True while rows are being copied from a damaged copy into this store."""
+        return self._salvage_running
 
-    def _size_bytes_unlocked(self) -> int:
+    def wait_salvaged(self, timeout_s: float | None = None) -> bool:
+        """Wait for a running salvage to finish; False on timeout (tests, the CLI)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.salvaging:
+            thread = self._salvage_thread
+            left = None if deadline is None else deadline - time.monotonic()
+            if thread is None or (left is not None and left <= 0):
+                break
+            thread.join(left if left is None else min(left, 0.05))
+        return not self.salvaging
+
+    def size_bytes(self) -> int:
+        """Bytes the store holds: pages in use (free pages are reused and not counted) and the
+        WAL file. Within its bounds this is at most ``max_bytes`` less the reserve."""
+        def size() -> int:
+            cur = self._conn.cursor()
+            pages = cur.execute("PRAGMA page_count").fetchone()[0]
+            free = cur.execute("PRAGMA freelist_count").fetchone()[0]
+            cur.close()
+            return (pages - free) * self._page_size + self._wal_bytes()
+
+        return self._guarded("size", size)
+
+    def wal_bytes(self) -> int:
+        """The WAL file's size: within ``wal_allowance`` while the checkpointer keeps up."""
+        return self._wal_bytes()
+
+    def _wal_bytes(self) -> int:
+        try:
+            return os.stat(self._wal_path).st_size
+        except OSError:
+            return 0
+
+    def _wal_content(self) -> int:
+        """Bytes of the frames written since the WAL last started over (what a checkpoint has
+        to copy, at most), from the WAL-index header in the -shm file: ``mxFrame``, a
+        native-endian u32 at offset 16 (https://www.sqlite.org/walformat.html, section 2.1).
+
+        The WAL file's size says less: it is kept at its allowance when the WAL starts over.
+        Falls back to the file's size when the header cannot be read. ~5 us.
+        """
+        try:
+            with open(self._shm_path, "rb") as f:
+                hdr = f.read(20)
+        except OSError:
+            return self._wal_bytes()
+        if len(hdr) < 20 or int.from_bytes(hdr[0:4], sys.byteorder) != 3007000 or not hdr[12]:
+            return self._wal_bytes()  # not the WAL-index format this reads, or not initialised
+        return int.from_bytes(hdr[16:20], sys.byteorder) * (self._page_size + 24)
+
+    def _free_disk(self) -> int:
+        try:
+            st = os.statvfs(self.path.parent)
+            return st.f_bavail * st.f_frsize
+        except OSError:
+            return 1 << 62
+
+    def _usage(self) -> _Usage:
+        """Two header pragmas, a stat and a statvfs (~15 us)."""
         cur = self._conn.cursor()
         pages = cur.execute("PRAGMA page_count").fetchone()[0]
         free = cur.execute("PRAGMA freelist_count").fetchone()[0]
         cur.close()
-        return (pages - free) * self._page_size
+        return _Usage((pages - free) * self._page_size, pages * self._page_size, self._wal_bytes(),
+                      self._free_disk())
+
+    def _row_bound(self, u: _Usage) -> tuple[int, bool]:
+        """The bytes the rows may use, and whether the disk (not max_bytes) set it.
+
+        ``max_bytes`` less the WAL's allowance and the reserve; and no more than the database
+        file plus the free disk space, less what the WAL may still need and room for the next
+        commits before a checkpoint (free pages are reused before the file grows, so a store at
+        this bound stops growing while the WAL can still take the deletes, instead of filling
+        the disk).
+        """
+        by_config = self.max_bytes - self.wal_allowance - self.reserve_bytes
+        by_disk = u.db_file + u.free_disk - self._disk_room(u.wal)
+        if not self._reserve_path.exists():  # leave room to make it again
+            by_disk -= self.reserve_bytes
+        return (by_disk, True) if by_disk < by_config else (by_config, False)
+
+    def _disk_room(self, wal: int) -> int:
+        """Free disk a store at its disk bound keeps: what the WAL may still grow by, and room
+        for the next commits before a checkpoint."""
+        return max(0, self.wal_allowance - wal) + max(self.wal_allowance, _DISK_HEADROOM)
 
     def enforce_bounds(self, now_ns: int, retention_s: float | None = None, *,
                        max_rows: int = BOUNDS_MAX_ROWS) -> BoundsStep:
@@ -276,7 +732,8 @@ class Store:
         first, from the budget), and only a call that had rows to spare hands back free pages,
         at most ``_VACUUM_STEP_PAGES``. A store far over a bound converges over successive calls
         as long as ``max_rows`` exceeds what is appended between them. Within bounds, a call
-        does no writes and no table scans.
+        does no writes and no table scans. A WAL over its allowance (the checkpointer behind or
+        off) is checkpointed here, inline.
 
         Retention (``retention_s``; the daemon passes it when no InfluxDB is configured) deletes
         the lines (quarantined ones too) stamped before ``now_ns - retention_s``, oldest first:
@@ -287,47 +744,85 @@ class Store:
         with self._lock:
             step = BoundsStep()
             cutoff = None if retention_s is None else now_ns - int(retention_s * 1e9)
-            try:
-                self._delete_step(step, cutoff, max(0, int(max_rows)))
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise StoreError(f"store {self.path}: enforcing retention / size bound failed: {exc} "
-                                 "(check free space and permissions in the state directory)") from exc
+            budget = max(0, int(max_rows))
+            u: _Usage | None = None
+            aged = False
+            for attempt in range(2):
+                try:
+                    u, aged = self._delete_step(step, cutoff, budget)
+                    break
+                except sqlite3.Error as exc:
+                    self._rollback()
+                    if _is_damage(exc):
+                        self._recover_unlocked("enforce_bounds", exc)
+                        return BoundsStep(used_bytes=self._usage().total)
+                    if _is_full(exc) and attempt == 0:  # the deletes need WAL space: make some
+                        self.disk_full_events += 1
+                        self._make_room(0)  # the retried step drops what the disk bound wants
+                        continue
+                    raise StoreError(f"store {self.path}: enforcing retention / size bound failed: {exc} "
+                                     "(check free space and permissions in the state directory)") from exc
             if step.dropped:
                 self._warn_dropped(now_ns, step)
             if step.deleted < max_rows:  # one costly stage per call: rows first, then pages
-                step.vacuumed_pages = self._vacuum_step()
-            step.used_bytes = self._size_bytes_unlocked()
-            step.within_bounds = step.used_bytes <= self.max_bytes and not self._has_aged(cutoff)
+                step.vacuumed_pages = self._vacuum_step(None if step.deleted else u)
+            wrote = bool(step.deleted or step.vacuumed_pages)
+            content = self._wal_content()
+            if content > self.wal_allowance:  # the thread is behind (or off)
+                over = self._usage().total > self.max_bytes - self.reserve_bytes
+                # Over the bound itself: wait for the thread's pass to end rather than stay over.
+                step.checkpointed = self._checkpoint_inline(truncate=True, wait_s=1.0 if over else None)
+            self._ensure_reserve()
+            if u is None or wrote or step.checkpointed:
+                u = self._usage()  # else the one read at the start still holds
+                aged = aged and self._has_aged(cutoff)
+            bound, step.disk_limited = self._row_bound(u)
+            step.used_bytes = u.total
+            step.within_bounds = u.db_used <= bound and u.wal <= self.wal_allowance and not aged
+            if content > self.checkpoint_bytes and not step.checkpointed:
+                # The tick's writes are done: the thread's pass has until the next tick's append,
+                # and a pass no commit lands in lets the WAL start over.
+                self._ckpt_wake.set()
             return step
 
-    def _delete_step(self, step: BoundsStep, cutoff: int | None, budget: int) -> None:
-        """Up to ``budget`` deletes in one transaction; nothing is written when there is no work."""
+    def _delete_step(self, step: BoundsStep, cutoff: int | None, budget: int) -> tuple[_Usage, bool]:
+        """Up to ``budget`` deletes in one transaction; nothing is written when there is no work.
+
+        Returns the usage and whether anything had aged, as read before the deletes.
+        """
         conn = self._conn
         aged = self._has_aged(cutoff)
-        if not budget or (not aged and self._size_bytes_unlocked() <= self.max_bytes):
-            return
+        u = before = self._usage()
+        bound, disk_limited = self._row_bound(u)
+        if not budget or (not aged and u.db_used <= bound):
+            return before, aged
+        if disk_limited and u.db_used > bound and u.free_disk < _DISK_HEADROOM:
+            self._checkpoint_inline(truncate=False)  # nearly no disk: the deletes start the WAL over
         aged_q = aged_p = drop_q = drop_p = 0
         conn.execute("BEGIN")
         if aged:  # the ts index gives the oldest; quarantined lines first, both from one budget
             aged_q = self._delete_where("quarantine", "WHERE ts_ns < ? ORDER BY ts_ns", (cutoff,), budget)
             aged_p = self._delete_where("points", "WHERE ts_ns < ? ORDER BY ts_ns", (cutoff,), budget - aged_q)
         budget -= aged_q + aged_p
-        used = self._size_bytes_unlocked()
-        if budget and used > self.max_bytes:
+        if aged_q or aged_p:
+            u = self._usage()
+            bound, disk_limited = self._row_bound(u)
+        if budget and u.db_used > bound:
             rows = self._backlog + self._quarantined - aged_q - aged_p
             # Rows to reach the target, from the average row size; the next call corrects it.
-            want = min(budget, max(1, -(-rows * (used - int(self.max_bytes * _SIZE_TARGET)) // used)))
+            want = min(budget, max(1, -(-rows * (u.db_used - int(bound * _SIZE_TARGET)) // u.db_used)))
+            if disk_limited:  # the delete's own WAL must fit on the disk: a few pages of rows a call
+                want = min(want, max(1, rows * _DISK_DROP_PAGES * self._page_size // u.db_used))
             drop_q = self._delete_where("quarantine", "ORDER BY id", (), want)
             drop_p = self._delete_where("points", "ORDER BY id", (), want - drop_q)
-            conn.execute("INSERT INTO meta (key, value) VALUES ('dropped', ?) "
-                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                         (self._dropped + drop_q + drop_p,))
+            self._write_dropped(self._dropped + drop_q + drop_p)
+            step.disk_limited = disk_limited
         conn.execute("COMMIT")
         self._quarantined = max(0, self._quarantined - aged_q - drop_q)
         self._backlog = max(0, self._backlog - aged_p - drop_p)
         self._dropped += drop_q + drop_p
         step.aged, step.dropped, step.dropped_quarantined = aged_q + aged_p, drop_q + drop_p, drop_q
+        return before, aged
 
     def _has_aged(self, cutoff: int | None) -> bool:
         """Whether any line is stamped before ``cutoff`` (two index lookups)."""
@@ -357,21 +852,32 @@ class Store:
         self._unwarned_q += step.dropped_quarantined
         if self._warned_ns is not None and now_ns - self._warned_ns < _DROP_WARN_EVERY_NS:
             return
-        log.warning("store_full_dropped_oldest", store=str(self.path), dropped=self._unwarned,
+        u = self._usage()
+        if step.disk_limited:
+            reason, hint = "disk", (f"the file system of {self.path.parent} is nearly full ({u.free_disk} bytes "
+                                    "free): free space there, or lower store.max_bytes below what it can hold")
+        else:
+            reason, hint = "max_bytes", "InfluxDB unreachable for long, or store.max_bytes too small"
+        log.warning("store_full_dropped_oldest", store=str(self.path), reason=reason, dropped=self._unwarned,
                     dropped_quarantined=self._unwarned_q, dropped_total=self._dropped,
-                    max_bytes=self.max_bytes, used_bytes=self._size_bytes_unlocked(),
-                    hint="InfluxDB unreachable for long, or store.max_bytes too small")
+                    max_bytes=self.max_bytes, used_bytes=u.total, free_disk_bytes=u.free_disk, hint=hint)
         self._unwarned = self._unwarned_q = 0
         self._warned_ns = now_ns
 
-    def _vacuum_step(self) -> int:
-        """Hand back at most ``_VACUUM_STEP_PAGES`` free pages when many are free; returns them."""
+    def _vacuum_step(self, u: _Usage | None) -> int:
+        """Hand back at most ``_VACUUM_STEP_PAGES`` free pages when many are free; returns them.
+
+        ``u``: the usage read this call, when nothing was deleted since (saves two pragmas).
+        """
         cur = self._conn.cursor()
         try:
-            free = cur.execute("PRAGMA freelist_count").fetchone()[0]
+            if u is not None:
+                pages, free = u.db_file // self._page_size, (u.db_file - u.db_used) // self._page_size
+            else:
+                free = cur.execute("PRAGMA freelist_count").fetchone()[0]
+                pages = cur.execute("PRAGMA page_count").fetchone()[0]
             if free < _VACUUM_MIN_FREE_PAGES:
                 return 0
-            pages = cur.execute("PRAGMA page_count").fetchone()[0]
             if free * 4 < pages:  # less than a quarter free: keep the pages for reuse
                 return 0
             # executescript steps the pragma to completion (execute() frees a single page).
@@ -383,16 +889,319 @@ class Store:
         finally:
             cur.close()
 
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint(self, passes: int = _CHECKPOINT_PASSES) -> tuple[int, int]:
+        """A PASSIVE checkpoint on the checkpointer's own connection; returns (WAL frames, copied).
+
+        Thread-safe and never blocks the writer (WAL mode). Should the writer commit while it
+        runs, it runs again for the frames it missed (each pass shorter than the last, at most
+        ``passes``): the WAL starts over from its beginning only at a commit that finds every
+        frame copied. The store's thread makes one pass per wake-up instead, woken at the end
+        of each tick's writes, so each pass has a whole interval before the next commit.
+        """
+        with self._ckpt_lock:
+            started = time.perf_counter()
+            try:
+                if self._ckpt_conn is None:
+                    self._ckpt_conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                    self._ckpt_conn.execute("PRAGMA wal_autocheckpoint = 0")
+                frames = done = 0
+                for _ in range(max(1, passes)):
+                    _busy, frames, done = self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if done >= frames:
+                        break
+            except sqlite3.Error as exc:
+                self.checkpoint_stats.failures += 1
+                self._warn_checkpoint(exc)
+                return (0, 0)
+            took = time.perf_counter() - started
+            stats = self.checkpoint_stats
+            stats.runs += 1
+            stats.total_s += took
+            stats.max_s = max(stats.max_s, took)
+            return (frames, done)
+
+    def _checkpointer(self) -> None:
+        """The thread: a checkpoint pass whenever the WAL is over its threshold (woken by the
+        bounds step at the end of each tick, else every ``_CHECKPOINT_POLL_S``)."""
+        while not self._stop.is_set():
+            self._ckpt_wake.wait(_CHECKPOINT_POLL_S)
+            self._ckpt_wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                if self._wal_content() > self.checkpoint_bytes:
+                    self.checkpoint(passes=1)
+            except Exception as exc:  # never let the thread die: the inline fallback is slower
+                self._warn_checkpoint(exc)
+
+    def _checkpoint_inline(self, *, truncate: bool, wait_s: float | None = None) -> bool:
+        """A checkpoint on the writer's connection (the thread is behind, or the disk is full).
+
+        Waits for a checkpoint the thread is running (``wait_s``, by default briefly), never for
+        readers (busy timeout 0); TRUNCATE hands the WAL's space back. Returns True when it ran.
+        """
+        if not self._ckpt_lock.acquire(timeout=_INLINE_CHECKPOINT_WAIT_S if wait_s is None else wait_s):
+            return False
+        conn = self._conn
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})").fetchone()
+            self.checkpoint_stats.inline += 1
+            return True
+        except sqlite3.Error as exc:
+            self.checkpoint_stats.failures += 1
+            self._warn_checkpoint(exc)
+            return False
+        finally:
+            try:
+                conn.execute("PRAGMA busy_timeout = 5000")
+            except sqlite3.Error:
+                pass
+            self._ckpt_lock.release()
+
+    def _warn_checkpoint(self, exc: BaseException) -> None:
+        now = time.monotonic_ns()
+        if self._ckpt_warned_ns is None or now - self._ckpt_warned_ns >= _DROP_WARN_EVERY_NS:
+            self._ckpt_warned_ns = now
+            log.warning("store_checkpoint_failed", store=str(self.path), error=str(exc),
+                        wal_bytes=self._wal_bytes(), free_disk_bytes=self._free_disk(),
+                        hint="the WAL grows until a checkpoint succeeds; check free space in the state directory")
+
+    # -- the reserve -----------------------------------------------------------------------
+
+    def _ensure_reserve(self) -> None:
+        """Make the reserve file when it is missing and the disk has room for it and the WAL's
+        allowance (a store at its disk bound leaves room for it: the bound counts a missing one).
+
+        A stat when there is nothing to do (every tick).
+        """
+        if self._reserve_path.exists():
+            return
+        wal = self._wal_bytes()
+        if self._free_disk() < self.reserve_bytes + max(0, self.wal_allowance - wal) + self.wal_allowance:
+            return
+        tmp = self._reserve_path.with_name(self._reserve_path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.reserve_bytes)  # real blocks, not a sparse file
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._reserve_path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.debug("store_reserve_not_made", store=str(self.path), error=str(exc))
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.warning("store_reserve_not_released", file=str(self._reserve_path), error=str(exc))
+            return False
+        return True
+
+    # -- damage ----------------------------------------------------------------------------
+
+    def recover(self, reason: str = "requested") -> Path:
+        """Move the store aside as damaged, continue on a fresh one, salvage in the background.
+
+        The store's calls do this themselves when SQLite reports the file malformed; this is
+        for a caller that learns of damage another way. Returns where the damaged copy went.
+        """
+        with self._lock:
+            return self._recover_unlocked("recover", RuntimeError(reason))
+
+    def _recover_unlocked(self, what: str, exc: BaseException) -> Path:
+        with self._ckpt_lock:  # the checkpointer's connection points at the old file
+            if self._ckpt_conn is not None:
+                try:
+                    self._ckpt_conn.close()
+                except sqlite3.Error:
+                    pass
+                self._ckpt_conn = None
+        try:
+            self._conn.close()
+        except (sqlite3.Error, AttributeError):
+            pass
+        aside = self._move_aside(f"during {what}: {exc}")
+        self._conn = self._open_checked(0)
+        self._backlog = self._quarantined = self._dropped = 0
+        self._page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+        self._carry_over(aside)
+        self._start_salvage()
+        return aside
+
+    def _move_aside(self, reason: str) -> Path:
+        """Rename the damaged file and its -wal/-shm to ``<name>.damaged-<UTC time>[-n]``."""
+        self.recoveries += 1
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        n = 1
+        while aside.exists():
+            aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
+            n += 1
+        try:
+            for suffix in ("-wal", "-shm", ""):  # the database last: its presence marks a full set
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    os.replace(src, f"{aside}{suffix}")
+        except OSError as exc:
+            raise StoreError(f"store {self.path} is damaged ({reason}) and could not be moved aside: "
+                             f"{exc}; stop agentd and move {self.path} and its -wal/-shm files away by "
+                             "hand (a new store is created at the next start)") from exc
+        Path(f"{aside}.salvage").write_text("0 0\n")  # progress: the next points id, quarantine id
+        with self._salvage_lock:
+            self._salvage_queue.append(aside)
+        log.error("store_damaged_moved_aside", store=str(self.path), moved_to=str(aside), reason=reason,
+                  hint=f"a new store continues at {self.path} and the readable rows of the damaged copy are "
+                       "copied into it; the copy is kept for inspection (remove it when done)")
+        self._prune_damaged()
+        return aside
+
+    def _prune_damaged(self) -> None:
+        """Keep the ``_KEEP_DAMAGED`` newest damaged copies whose salvage is done."""
+        copies = sorted(p for p in self.path.parent.glob(f"{self.path.name}.damaged-*")
+                        if not p.name.endswith(("-wal", "-shm", ".salvage", ".tmp")))  # by time, in the name
+        for old in copies[:-_KEEP_DAMAGED]:
+            if Path(f"{old}.salvage").exists():
+                continue
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{old}{suffix}").unlink(missing_ok=True)
+            log.warning("store_damaged_copy_removed", file=str(old), kept=_KEEP_DAMAGED)
+
+    def _carry_over(self, aside: Path) -> None:
+        """Start the fresh store's ids above the damaged copy's and keep its drop count.
+
+        Salvaged rows keep their ids, below every new one, so they stay oldest first.
+        """
+        top, dropped = _readable_top(aside)
+        conn = self._conn
+        conn.execute("BEGIN")
+        conn.execute("DELETE FROM sqlite_sequence WHERE name = 'points'")
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('points', ?)", (top,))
+        if dropped:
+            self._write_dropped(self._dropped + dropped)
+        conn.execute("COMMIT")
+        self._dropped += dropped
+
+    def _pending_salvages(self) -> list[Path]:
+        """Damaged copies whose salvage a stopped daemon left unfinished (oldest first)."""
+        found = []
+        for marker in sorted(self.path.parent.glob(f"{self.path.name}.damaged-*.salvage")):
+            aside = marker.with_suffix("")
+            if aside in self._salvage_queue:
+                continue
+            if aside.exists():
+                found.append(aside)
+            else:
+                marker.unlink(missing_ok=True)
+        return found
+
+    def _start_salvage(self) -> None:
+        """A salvage thread for the queue, unless one is running (it takes what is queued)."""
+        with self._salvage_lock:
+            if self._salvage_running or self._stop.is_set():
+                return
+            self._salvage_running = True
+            self._salvage_thread = threading.Thread(target=self._salvage_all, name="store-salvage", daemon=True)
+            self._salvage_thread.start()
+
+    def _salvage_all(self) -> None:
+        while not self._stop.is_set():
+            with self._salvage_lock:
+                if not self._salvage_queue:
+                    self._salvage_running = False
+                    return
+                aside = self._salvage_queue[0]
+            try:
+                self._salvage(aside)
+            except Exception as exc:  # a failed salvage must not take the store down
+                log.error("store_salvage_failed", store=str(self.path), damaged_copy=str(aside), error=repr(exc),
+                          hint="the copy is kept; its unread rows stay there")
+                Path(f"{aside}.salvage").unlink(missing_ok=True)
+            if self._stop.is_set():
+                break  # the marker stays: the next open resumes
+            with self._salvage_lock:
+                self._salvage_queue.pop(0)
+        with self._salvage_lock:
+            self._salvage_running = False
+
+    def _salvage(self, aside: Path) -> None:
+        """Copy the readable rows of ``aside`` into this store, recording progress in its marker."""
+        marker = Path(f"{aside}.salvage")
+        try:
+            next_p, next_q = (int(x) for x in marker.read_text().split()[:2])
+        except (OSError, ValueError):
+            next_p = next_q = 0
+        started = time.monotonic()
+        copied = lost = 0
+        src = _open_damaged(aside)
+        if src is None:
+            log.error("store_salvage_failed", store=str(self.path), damaged_copy=str(aside),
+                      error="SQLite cannot read the copy at all", hint="nothing could be salvaged; the copy is kept")
+            marker.unlink(missing_ok=True)
+            return
+        try:
+            tables = (("points", "ts_ns, line", next_p), ("quarantine", "ts_ns, line, reason, quarantined_ns", next_q))
+            for t, (table, cols, start) in enumerate(tables):
+                for rows, skipped in _readable_rows(src, table, cols, start, _SALVAGE_CHUNK):
+                    if self._stop.is_set():
+                        return
+                    lost += skipped
+                    if rows:
+                        self._insert_salvaged(table, cols, rows)
+                        copied += len(rows)
+                        if t == 0:
+                            next_p = rows[-1][0] + 1
+                        else:
+                            next_q = rows[-1][0] + 1
+                        tmp = marker.with_name(marker.name + ".tmp")
+                        tmp.write_text(f"{next_p} {next_q}\n")
+                        os.replace(tmp, marker)
+                if t == 0:
+                    next_p = _MAX_ID
+        finally:
+            src.close()
+        self.salvaged += copied
+        self.salvage_lost_ids += lost
+        marker.unlink(missing_ok=True)
+        (log.error if lost else log.info)(
+            "store_salvaged", store=str(self.path), damaged_copy=str(aside), rows=copied, lost_ids=lost,
+            seconds=round(time.monotonic() - started, 3),
+            hint="rows on damaged pages are lost" if lost else "every row of the damaged copy was read")
+        self._prune_damaged()
+
+    def _insert_salvaged(self, table: str, cols: str, rows: list[tuple]) -> None:
+        marks = ", ".join("?" * (1 + cols.count(",") + 1))
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN")
+                cur = conn.executemany(f"INSERT OR IGNORE INTO {table} (id, {cols}) VALUES ({marks})", rows)
+                n = cur.rowcount
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                self._rollback()
+                raise
+            if table == "points":
+                self._backlog += n
+            else:
+                self._quarantined += n
+        time.sleep(0)  # let the loop at the lock between chunks
+
     # -- reading (demo, tests) -------------------------------------------------------------
 
     def query(self, measurement: str | None = None, since_ns: int | None = None,
               limit: int | None = None) -> list[str]:
         """Pending lines, in insertion order; with ``limit``, the newest ``limit`` of them."""
-        with self._lock:
-            return self._query_unlocked(measurement, since_ns, limit)
+        return self._guarded("query", lambda: self._query_unlocked(measurement, since_ns, limit))
 
     def _query_unlocked(self, measurement: str | None = None, since_ns: int | None = None,
-              limit: int | None = None) -> list[str]:
+                        limit: int | None = None) -> list[str]:
         where, params = [], []
         if measurement is not None:
             prefix = escape_measurement(measurement)
@@ -413,8 +1222,7 @@ class Store:
 
     def quarantined(self, limit: int | None = None) -> list[tuple[str, str]]:
         """Quarantined ``(line, reason)`` pairs, oldest first."""
-        with self._lock:
-            return self._quarantined_unlocked(limit)
+        return self._guarded("quarantined", lambda: self._quarantined_unlocked(limit))
 
     def _quarantined_unlocked(self, limit: int | None = None) -> list[tuple[str, str]]:
         sql = "SELECT line, reason FROM quarantine ORDER BY id"
@@ -427,22 +1235,31 @@ class Store:
     # -- closing ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Checkpoint the WAL and close (safe to call twice)."""
+        """Stop the threads, checkpoint the WAL and close (safe to call twice).
+
+        A salvage still running stops after its current chunk; the next open resumes it.
+        """
+        self._stop.set()
+        self._ckpt_wake.set()
+        for thread in (self._ckpt_thread, self._salvage_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(10.0)
         with self._lock:
-            return self._close_unlocked()
+            with self._ckpt_lock:
+                if self._ckpt_conn is not None:
+                    self._ckpt_conn.close()
+                    self._ckpt_conn = None
+            conn = self._conn
+            if conn is None:
+                return
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            conn.close()
+            self._conn = None  # type: ignore[assignment]
 
-    def _close_unlocked(self) -> None:
-        conn = self._conn
-        if conn is None:
-            return
-        try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass
-        conn.close()
-        self._conn = None  # type: ignore[assignment]
-
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -454,3 +1271,119 @@ class Store:
                 self._conn.execute("ROLLBACK")
         except sqlite3.Error:
             pass
+
+
+def _batch_rows(batch: Batch) -> tuple[str, tuple]:
+    """A WHERE clause for exactly the batch's rows: its id range when the ids fill it (the usual
+    case, one range delete), else its ids (a salvage left gaps another row may fill later)."""
+    ids = batch.ids
+    if not ids or ids[-1] - ids[0] + 1 == len(ids):
+        return "id BETWEEN ? AND ?", (batch.first_id, batch.last_id)
+    return "id IN (SELECT value FROM json_each(?))", ("[" + ",".join(map(str, ids)) + "]",)
+
+
+# -- salvage: reading a damaged copy ----------------------------------------------------------
+
+def _open_damaged(path: Path) -> sqlite3.Connection | None:
+    """A read-only connection to a damaged copy (its -wal included), or None when SQLite refuses."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.Error:
+        return None
+
+
+def _readable_top(path: Path) -> tuple[int, int]:
+    """The highest id the damaged copy may hold (an upper bound) and its drop count.
+
+    Each source is tried on its own; one that cannot be read counts as 2**40, which keeps new
+    rows above any salvaged one at no cost (ids are 64-bit).
+    """
+    conn = _open_damaged(path)
+    if conn is None:
+        return 0, 0  # nothing in it can be read, so nothing will be salvaged
+    tops, dropped = [], 0
+    for sql in ("SELECT seq FROM sqlite_sequence WHERE name = 'points'", "SELECT max(id) FROM points",
+                "SELECT max(id) FROM quarantine"):
+        try:
+            row = conn.execute(sql).fetchone()
+            if row and row[0] is not None:
+                tops.append(int(row[0]))
+        except sqlite3.Error:
+            tops.append(1 << 40)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+        dropped = int(row[0]) if row else 0
+    except (sqlite3.Error, TypeError, ValueError):
+        pass
+    conn.close()
+    return max(tops, default=0), dropped
+
+
+def _seek_ok(conn: sqlite3.Connection, table: str, at: int) -> bool:
+    """Whether the b-tree can be entered at id ``at`` (the pages on that path are readable)."""
+    try:
+        conn.execute(f"SELECT id FROM {table} WHERE id >= ? ORDER BY id LIMIT 1", (at,)).fetchone()
+        return True
+    except sqlite3.DatabaseError:
+        return False
+
+
+def _readable_rows(conn: sqlite3.Connection, table: str, cols: str, start: int,
+                   chunk: int) -> Iterator[tuple[list[tuple], int]]:
+    """``(rows, ids_skipped)`` in id order from ``start``, stepping over the unreadable pages.
+
+    Reading in id order walks the table's leaves; a damaged leaf (or interior page) raises. Up
+    to the damage the rows are then read one query each (a cursor reads a row ahead, so the
+    last good row would go with the error), and the next readable id is found by seeking:
+    doubling steps until a seek succeeds, then bisecting back to the first id whose path is
+    readable -- in an intkey b-tree that is the first id past the damaged leaf, so only that
+    leaf's rows are lost.
+    """
+    lo = max(0, start)
+    sql = f"SELECT id, {cols} FROM {table} WHERE id >= ? ORDER BY id LIMIT ?"
+    while lo <= _MAX_ID:
+        rows: list[tuple] = []
+        try:
+            for row in conn.execute(sql, (lo, chunk)):
+                rows.append(row)
+        except sqlite3.DatabaseError:
+            pass
+        else:
+            if rows:
+                yield rows, 0
+            if len(rows) < chunk:
+                return
+            lo = rows[-1][0] + 1
+            continue
+        if rows:  # the last good row read ahead of the error may be missing: go row by row
+            lo = rows[-1][0] + 1
+        while True:
+            try:
+                row = conn.execute(sql, (lo, 1)).fetchone()
+            except sqlite3.DatabaseError:
+                break
+            if row is None:
+                if rows:
+                    yield rows, 0
+                return
+            rows.append(row)
+            lo = row[0] + 1
+        if rows:
+            yield rows, 0
+        bad, step = lo, 1
+        while lo + step <= _MAX_ID and not _seek_ok(conn, table, lo + step):
+            bad = lo + step
+            step *= 2
+        if lo + step > _MAX_ID:
+            return  # nothing readable past the damage
+        good = lo + step
+        while good - bad > 1:  # first readable entry point in (bad, good]
+            mid = (bad + good) // 2
+            if _seek_ok(conn, table, mid):
+                good = mid
+            else:
+                bad = mid
+        yield [], good - lo
+        lo = good
