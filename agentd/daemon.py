@@ -375,6 +375,10 @@ class Daemon:
             "write_errors": fw.write_errors if fw is not None else 0,
             "nvml_errors": self.stats.nvml_errors,
             "store_errors": self.stats.store_errors,
+            "store_wal_bytes": self.store.wal_bytes(),
+            "store_disk_full": self.store.disk_full_events,  # a full disk met: oldest dropped, newest kept
+            "store_recoveries": self.store.recoveries,  # damaged store files moved aside since start
+            "store_salvaging": self.store.salvaging,
             "limit_write_errors": self.actuator.write_errors,
             "rule_errors": self.stats.rule_errors,
             **self._mqtt_fields(),
