@@ -69,6 +69,7 @@ message naming both versions and what to do.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import sys
@@ -301,11 +302,24 @@ class Store:
 
     def _check_directory(self) -> None:
         directory = self.path.parent
+        read_only_hint = ("; under systemd's ProtectSystem=strict only StateDirectory= (/var/lib/agentd) and "
+                          "ReadWritePaths= are writable: set state_dir under /var/lib/agentd or add "
+                          f"ReadWritePaths={directory}")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            if exc.errno == errno.EROFS:
+                raise StoreError(f"store {self.path}: cannot create directory {directory}: it is on a "
+                                 f"read-only file system{read_only_hint}") from exc
             raise StoreError(f"store {self.path}: cannot create directory {directory}: {exc.strerror} "
                              "(create it and make it writable by the agentd user, or set state_dir)") from exc
+        try:
+            read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        if read_only:
+            raise StoreError(f"store {self.path}: directory {directory} is on a read-only file system"
+                             f"{read_only_hint}")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StoreError(f"store {self.path}: directory {directory} is not writable by this user "
                              "(SQLite needs to create its -wal and -shm files there; fix the ownership or "

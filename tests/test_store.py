@@ -438,3 +438,21 @@ def test_wal_mode_and_schema(store: Store) -> None:
     conn.close()
 
 
+
+
+def test_a_read_only_state_dir_is_named_as_such_not_as_ownership(tmp_path):
+    """A read-only file system (ProtectSystem=strict outside StateDirectory) is not an ownership
+    problem: mount a read-only tmpfs where the machine allows it."""
+    import subprocess
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a read-only tmpfs is not permitted here")
+    try:
+        with pytest.raises(StoreError, match="read-only file system") as err:
+            Store(mnt / "store.sqlite")
+        assert "ownership" not in str(err.value) and "ReadWritePaths" in str(err.value)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
