@@ -168,17 +168,18 @@ class Daemon:
         self.state.infos = {i.index: i for i in infos}
         log.info("backend_open", backend=self.cfg.backend, gpus=len(infos),
                  models=sorted({i.model for i in infos}), host=self.host, dry_run=self.cfg.dry_run)
-        if not self.actuator.load_originals():
+        records = self.actuator.load_originals()
+        if not records:
             return infos
         if self.cfg.dry_run:
-            await self._report_left_caps()
+            await self._report_left_caps(records)
         else:
             # A previous run ended without restoring (crash, kill -9): repair before anything else.
             outcome = await self._restore_limits()
             log.warning("limits_restored_after_unclean_stop", outcome=outcome)
         return infos
 
-    async def _report_left_caps(self) -> None:
+    async def _report_left_caps(self, records: dict[str, dict]) -> None:
         """Dry run after an unclean stop: the GPUs may still hold the last run's caps, and a dry
         run writes nothing, so they stay. Say so loudly, GPU by GPU, with the command that helps."""
         try:
@@ -187,7 +188,7 @@ class Daemon:
         except Exception:  # the report must not stop the start; the records alone still say it
             samples = []
         by_uuid = {s.uuid: s for s in samples}
-        for uuid, record in sorted(self.actuator.load_originals().items()):
+        for uuid, record in sorted(records.items()):
             sample = by_uuid.get(uuid)
             log.warning("limits_left_from_last_run", uuid=uuid, gpu=sample.index if sample else None,
                         holds_w=sample.limit_current_w if sample else None, baseline_w=record["limit_w"],
