@@ -75,7 +75,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -83,6 +83,7 @@ from typing import TypeVar
 import structlog
 
 from agentd.lineproto import escape_measurement
+from agentd.store_salvage import MAX_ID, open_damaged, readable_rows, readable_top
 
 log = structlog.get_logger("agentd.store")
 
@@ -143,7 +144,6 @@ _SALVAGE_CHUNK = 1000    # rows per salvage transaction (a few ms under the stor
 _KEEP_DAMAGED = 2        # damaged copies kept for inspection (older ones are removed)
 
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
-_MAX_ID = 2**63 - 1
 
 T = TypeVar("T")
 
@@ -1092,7 +1092,7 @@ class Store:
 
         Salvaged rows keep their ids, below every new one, so they stay oldest first.
         """
-        top, dropped = _readable_top(aside)
+        top, dropped = readable_top(aside)
         conn = self._conn
         conn.execute("BEGIN")
         conn.execute("DELETE FROM sqlite_sequence WHERE name = 'points'")
@@ -1153,7 +1153,7 @@ class Store:
             next_p = next_q = 0
         started = time.monotonic()
         copied = lost = 0
-        src = _open_damaged(aside)
+        src = open_damaged(aside)
         if src is None:
             log.error("store_salvage_failed", store=str(self.path), damaged_copy=str(aside),
                       error="SQLite cannot read the copy at all", hint="nothing could be salvaged; the copy is kept")
@@ -1162,7 +1162,7 @@ class Store:
         try:
             tables = (("points", "ts_ns, line", next_p), ("quarantine", "ts_ns, line, reason, quarantined_ns", next_q))
             for t, (table, cols, start) in enumerate(tables):
-                for rows, skipped in _readable_rows(src, table, cols, start, _SALVAGE_CHUNK):
+                for rows, skipped in readable_rows(src, table, cols, start, _SALVAGE_CHUNK):
                     if self._stop.is_set():
                         return
                     lost += skipped
@@ -1177,7 +1177,7 @@ class Store:
                         tmp.write_text(f"{next_p} {next_q}\n")
                         os.replace(tmp, marker)
                 if t == 0:
-                    next_p = _MAX_ID
+                    next_p = MAX_ID
         finally:
             src.close()
         self.salvaged += copied
@@ -1294,110 +1294,3 @@ def _batch_rows(batch: Batch) -> tuple[str, tuple]:
     if not ids or ids[-1] - ids[0] + 1 == len(ids):
         return "id BETWEEN ? AND ?", (batch.first_id, batch.last_id)
     return "id IN (SELECT value FROM json_each(?))", ("[" + ",".join(map(str, ids)) + "]",)
-
-
-# -- salvage: reading a damaged copy ----------------------------------------------------------
-
-def _open_damaged(path: Path) -> sqlite3.Connection | None:
-    """A read-only connection to a damaged copy (its -wal included), or None when SQLite refuses."""
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        return conn
-    except sqlite3.Error:
-        return None
-
-
-def _readable_top(path: Path) -> tuple[int, int]:
-    """The highest id the damaged copy may hold (an upper bound) and its drop count.
-
-    Each source is tried on its own; one that cannot be read counts as 2**40, which keeps new
-    rows above any salvaged one at no cost (ids are 64-bit).
-    """
-    conn = _open_damaged(path)
-    if conn is None:
-        return 0, 0  # nothing in it can be read, so nothing will be salvaged
-    tops, dropped = [], 0
-    for sql in ("SELECT seq FROM sqlite_sequence WHERE name = 'points'", "SELECT max(id) FROM points",
-                "SELECT max(id) FROM quarantine"):
-        try:
-            row = conn.execute(sql).fetchone()
-            if row and row[0] is not None:
-                tops.append(int(row[0]))
-        except sqlite3.Error:
-            tops.append(1 << 40)
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-        dropped = int(row[0]) if row else 0
-    except (sqlite3.Error, TypeError, ValueError):
-        pass
-    conn.close()
-    return max(tops, default=0), dropped
-
-
-def _seek_ok(conn: sqlite3.Connection, table: str, at: int) -> bool:
-    """Whether the b-tree can be entered at id ``at`` (the pages on that path are readable)."""
-    try:
-        conn.execute(f"SELECT id FROM {table} WHERE id >= ? ORDER BY id LIMIT 1", (at,)).fetchone()
-        return True
-    except sqlite3.DatabaseError:
-        return False
-
-
-def _readable_rows(conn: sqlite3.Connection, table: str, cols: str, start: int,
-                   chunk: int) -> Iterator[tuple[list[tuple], int]]:
-    """``(rows, ids_skipped)`` in id order from ``start``, stepping over the unreadable pages.
-
-    Reading in id order walks the table's leaves; a damaged leaf (or interior page) raises. Up
-    to the damage the rows are then read one query each (a cursor reads a row ahead, so the
-    last good row would go with the error), and the next readable id is found by seeking:
-    doubling steps until a seek succeeds, then bisecting back to the first id whose path is
-    readable -- in an intkey b-tree that is the first id past the damaged leaf, so only that
-    leaf's rows are lost.
-    """
-    lo = max(0, start)
-    sql = f"SELECT id, {cols} FROM {table} WHERE id >= ? ORDER BY id LIMIT ?"
-    while lo <= _MAX_ID:
-        rows: list[tuple] = []
-        try:
-            for row in conn.execute(sql, (lo, chunk)):
-                rows.append(row)
-        except sqlite3.DatabaseError:
-            pass
-        else:
-            if rows:
-                yield rows, 0
-            if len(rows) < chunk:
-                return
-            lo = rows[-1][0] + 1
-            continue
-        if rows:  # the last good row read ahead of the error may be missing: go row by row
-            lo = rows[-1][0] + 1
-        while True:
-            try:
-                row = conn.execute(sql, (lo, 1)).fetchone()
-            except sqlite3.DatabaseError:
-                break
-            if row is None:
-                if rows:
-                    yield rows, 0
-                return
-            rows.append(row)
-            lo = row[0] + 1
-        if rows:
-            yield rows, 0
-        bad, step = lo, 1
-        while lo + step <= _MAX_ID and not _seek_ok(conn, table, lo + step):
-            bad = lo + step
-            step *= 2
-        if lo + step > _MAX_ID:
-            return  # nothing readable past the damage
-        good = lo + step
-        while good - bad > 1:  # first readable entry point in (bad, good]
-            mid = (bad + good) // 2
-            if _seek_ok(conn, table, mid):
-                good = mid
-            else:
-                bad = mid
-        yield [], good - lo
-        lo = good

@@ -225,8 +225,7 @@ def test_a_salvage_cut_short_by_a_stop_resumes_at_the_next_open(tmp_path: Path, 
         calls.append(len(rows))
         if len(calls) == 3:  # a stop arrives mid-salvage
             reached.set()
-            while not self._stop.is_set():
-                time.sleep(0.005)
+            assert self._stop.wait(10), "close() never asked the salvage to stop"
 
     monkeypatch.setattr(Store, "_insert_salvaged", slow)
     with capture_logs():
