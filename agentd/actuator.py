@@ -112,6 +112,7 @@ class Actuator:
         longer ours to restore. Called every tick before the rules, so a cap is composed against
         the operator's latest value, never a stale one.
         """
+        taken_over: list[str] = []
         for index, sample in samples.items():
             if not sample.healthy:
                 continue
@@ -137,7 +138,8 @@ class Actuator:
             control.baseline_w = now_w
             control.set_w = None
             if record is not None:  # nothing of ours is held now: nothing to restore
-                self._forget(sample.uuid)
+                taken_over.append(sample.uuid)
+        self._forget(taken_over)
         return {i: c.baseline_w for i, c in self.controls.items() if c.baseline_w is not None}
 
     # -- targets -> writes ---------------------------------------------------------------------
@@ -188,27 +190,37 @@ class Actuator:
         return writes
 
     def write(self, writes: list[tuple[int, GpuSample, float]]) -> None:
-        """Carry out a plan (on the NVML thread): persist baselines, write, handle refusals."""
-        for index, sample, target in writes:
-            self._write(index, sample, target, self.controls[index])
+        """Carry out a plan (on the NVML thread): persist baselines, write, handle refusals.
 
-    def _write(self, index: int, sample: GpuSample, target: float, control: GpuControl) -> None:
+        The baselines of every GPU the plan caps are persisted in one file write before the
+        first NVML write, and the records no longer needed are dropped in one write after: a
+        crossing on eight GPUs waits for one fsync, not eight (the write is protection).
+        """
+        caps = [(s, self.controls[i].baseline_w) for i, s, t in writes
+                if t < (self.controls[i].baseline_w or 0.0) - CHANGE_W]  # releases need no record
+        try:
+            added = self._remember(caps)
+        except OSError as exc:
+            added, unsaved = set(), {s.uuid for s, _ in caps if s.uuid not in self._originals}
+            for index, sample, target in writes:
+                if sample.uuid in unsaved:
+                    self._refused(index, sample, self.controls[index], target,
+                                  f"cannot persist the baseline limit to {self.originals_path}: {exc}",
+                                  hint="the state directory must be writable (free space? permissions?); "
+                                       "no limit is written that could not be restored")
+            writes = [w for w in writes if w[1].uuid not in unsaved]
+        done = [sample.uuid for index, sample, target in writes
+                if not self._write(index, sample, target, self.controls[index], sample.uuid in added)]
+        self._forget(done)
+
+    def _write(self, index: int, sample: GpuSample, target: float, control: GpuControl, added: bool) -> bool:
+        """One NVML write; False when the GPU's record can go (released, or a new one not used)."""
         baseline = control.baseline_w
         assert baseline is not None  # plan() only writes GPUs with a baseline
         releasing = target >= baseline - CHANGE_W
         try:
-            added = self._remember(sample, baseline)
-        except OSError as exc:
-            self._refused(index, sample, control, target,
-                          f"cannot persist the baseline limit to {self.originals_path}: {exc}",
-                          hint="the state directory must be writable (free space? permissions?); "
-                               "no limit is written that could not be restored")
-            return
-        try:
             self.backend.set_power_limit(index, target)
         except LimitWriteError as exc:
-            if added:  # nothing was changed on this GPU: there is nothing to restore
-                self._forget(sample.uuid)
             if exc.permission:
                 control.observe_only = True
                 control.error = str(exc)
@@ -216,14 +228,12 @@ class Actuator:
                 log.error("power_limit_no_permission", gpu=index, uuid=sample.uuid, error=str(exc),
                           hint="agentd needs root or CAP_SYS_ADMIN to set limits; this GPU continues "
                                "observe-only (as in dry_run)")
-                return
-            self._refused(index, sample, control, target, str(exc))
-            return
+            else:
+                self._refused(index, sample, control, target, str(exc))
+            return not added  # nothing was changed on this GPU: a new record has nothing to restore
         except Exception as exc:  # a backend bug (TypeError, ...) must not stop the other GPUs
-            if added:
-                self._forget(sample.uuid)
             self._refused(index, sample, control, target, f"{type(exc).__name__}: {exc}")
-            return
+            return not added
         before = control.set_w if control.set_w is not None else baseline
         control.writes += 1
         if control.error is not None:
@@ -231,11 +241,7 @@ class Actuator:
         control.error = None
         control.retry_at = None
         control.failures = 0
-        if releasing:  # back at the operator's value: nothing of ours is held any more
-            control.set_w = None
-            self._forget(sample.uuid)
-        else:
-            control.set_w = target
+        control.set_w = None if releasing else target  # released: nothing of ours is held any more
         now = self.monotonic()
         if releasing or before > target or now - control._last_log >= SET_LOG_EVERY_S:
             # Every fall and every full release is logged; a slow release (the ramp) is
@@ -244,6 +250,7 @@ class Actuator:
             log.info("power_limit_set", gpu=index, uuid=sample.uuid, from_w=round(before, 3),
                      to_w=round(target, 3), source=control.source or None,
                      released=releasing or None)
+        return not releasing
 
     def _refused(self, index: int, sample: GpuSample, control: GpuControl, target: float, error: str,
                  hint: str | None = None) -> None:
@@ -289,21 +296,28 @@ class Actuator:
         self._originals = records
         return self._originals
 
-    def _remember(self, sample: GpuSample, baseline_w: float) -> bool:
-        """Persist the GPU's baseline before our first write to it; True when newly recorded."""
-        if sample.uuid in self._originals:
-            return False
-        self._originals[sample.uuid] = {"index": sample.index, "limit_w": baseline_w, "saved_at": self.wall()}
+    def _remember(self, caps: list[tuple[GpuSample, float | None]]) -> set[str]:
+        """Persist the baselines of GPUs about to be capped (one write); returns the UUIDs added.
+
+        A GPU already recorded keeps its record: its baseline is the one a restore must write.
+        """
+        added = {s.uuid for s, _ in caps if s.uuid not in self._originals}
+        if not added:
+            return added
+        for sample, baseline in caps:
+            if sample.uuid in added:
+                self._originals[sample.uuid] = {"index": sample.index, "limit_w": baseline, "saved_at": self.wall()}
         try:
             self._save_originals()
         except OSError:
-            del self._originals[sample.uuid]
+            for uuid in added:
+                del self._originals[uuid]
             raise
-        return True
+        return added
 
-    def _forget(self, uuid: str) -> None:
-        """Drop a record (its GPU holds its baseline again); an unwritable file is logged."""
-        if self._originals.pop(uuid, None) is None:
+    def _forget(self, uuids: list[str]) -> None:
+        """Drop records (their GPUs hold their baselines again), in one write; failures are logged."""
+        if not [self._originals.pop(uuid) for uuid in uuids if uuid in self._originals]:
             return
         try:
             self._save_originals()
