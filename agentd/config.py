@@ -21,6 +21,9 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from agentd.site.config import BudgetConfig
+from collectors.jobs import JobsConfig
+
 DEFAULT_CONFIG_PATH = Path("/etc/agentd/agentd.toml")
 ENV_PREFIX = "AGENTD_"
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -287,6 +290,8 @@ class AgentConfig(_Section):
     coolant: CoolantConfig = CoolantConfig()
     rules: RulesConfig = RulesConfig()
     api: ApiConfig = ApiConfig()
+    budget: BudgetConfig = BudgetConfig()
+    jobs: JobsConfig = JobsConfig()
 
     @property
     def node_name(self) -> str:
