@@ -56,8 +56,9 @@ class PowerReport(_Doc):
 
     ``demand_w`` is what it would draw uncapped; ``floor_w`` what it cannot go below without
     cutting into a job's floor (>= ``min_w``, the sum of its GPUs' minimum limits);
-    ``flexible_w[c]`` what it could shed from GPUs of class ``c`` down to their floors, so
-    ``floor_w + sum(flexible_w) == demand_w``.
+    ``flexible_w[c]`` what it could shed from GPUs of class ``c`` down to their floors; its want,
+    ``floor_w + sum(flexible_w)``, is at most ``max_w`` (``demand_w`` may be below ``floor_w``:
+    an idle GPU draws less than its minimum limit).
     """
 
     v: Literal[1] = VERSION
@@ -86,10 +87,9 @@ class PowerReport(_Doc):
             raise ValueError("flexible_w values must be finite and >= 0")
         if not self.min_w <= self.floor_w <= self.max_w + _FLEX_TOLERANCE_W:
             raise ValueError(f"expected min_w <= floor_w <= max_w (got {self.min_w}, {self.floor_w}, {self.max_w})")
-        flex = sum(self.flexible_w.values())
-        if abs(self.floor_w + flex - self.demand_w) > _FLEX_TOLERANCE_W + 1e-6 * self.demand_w:
-            raise ValueError(f"floor_w + sum(flexible_w) = {self.floor_w + flex:.1f} differs from "
-                             f"demand_w = {self.demand_w:.1f}")
+        want = self.floor_w + sum(self.flexible_w.values())
+        if want > self.max_w + _FLEX_TOLERANCE_W + 1e-6 * self.max_w:
+            raise ValueError(f"floor_w + sum(flexible_w) = {want:.1f} is above max_w = {self.max_w:.1f}")
         return self
 
 
