@@ -1,73 +1,118 @@
-"""The ``agentd`` command line: run, demo, probe, check-config."""
+"""The ``agentd`` command line: run, demo, probe, check-config, config, restore-limits, rules, sim.
+
+Exit codes, every command: 0 success; 1 the command ran and failed (a GPU write, the driver,
+the broker, a rule test); 2 what it was given is wrong (options, the config, rule files).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from agentd import __version__
-from agentd.config import AgentConfig, ConfigError, effective_config_text, load_config
+from agentd.cli_types import Seconds
+from agentd.config import AgentConfig, ConfigError, LoadedConfig, load_config_report
+from agentd.export_cli import export_command, store_group
 from agentd.rules_cli import rules
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 _CONFIG_OPTION = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-    help="agentd.toml to read (default /etc/agentd/agentd.toml when present, else built-in defaults; "
-         "or $AGENTD_CONFIG).")
+    help="agentd.toml to read (default: $AGENTD_CONFIG, else /etc/agentd/agentd.toml when present, else "
+         "built-in defaults).")
 
 
-def _load_or_exit(config_path: Path | None) -> AgentConfig:
+def _load_report_or_exit(config_path: Path | None, named_by: str = "--config") -> LoadedConfig:
     try:
-        return load_config(config_path)
+        return load_config_report(config_path, named_by=named_by)
     except ConfigError as exc:
         for line in exc.errors:
             click.echo(line, err=True)
         sys.exit(2)
 
 
-@click.group()
-@click.version_option(__version__, prog_name="agentd")
+def _load_or_exit(config_path: Path | None) -> AgentConfig:
+    return _load_report_or_exit(config_path).cfg
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", "-V", prog_name="agentd")
 def main() -> None:
-    """gpu-agentd: GPU + coolant telemetry and power/thermal protection for one node."""
+    """gpu-agentd: GPU + coolant telemetry and power/thermal protection for one node.
+
+    Exit codes: 0 success, 1 the command failed at its work (driver, GPU write, broker, a rule
+    test), 2 bad input (options, the config, rule files). Shell completion:
+    eval "$(_AGENTD_COMPLETE=bash_source agentd)" (zsh_source, fish_source too).
+    """
 
 
 @main.command("check-config")
 @click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
-def check_config(path: Path | None) -> None:
-    """Validate PATH (or the default config); print every error, or the effective config.
+@_CONFIG_OPTION
+def check_config(path: Path | None, config_path: Path | None) -> None:
+    """Validate the config (--config, or PATH, or $AGENTD_CONFIG, or the default); print every
+    error, or the effective config.
 
     Also checks what `agentd run` reads only when it starts (the token file, the MQTT TLS files,
-    the state directory), so a config that passes here does not stop `run`; a file in systemd's
-    credentials directory is only visible to the unit and is noted, not failed.
+    the state directory, the rule files and rules.params), so a config that passes here does not
+    stop `run`; a file in systemd's credentials directory is only visible to the unit and is
+    noted, not failed.
 
-    Exits 2 when invalid, 0 when valid (secrets are masked in the output).
+    The effective config is itself a valid config (`agentd check-config > x.toml && agentd
+    check-config x.toml` passes): each value says where it came from (file, $AGENTD_NAME or
+    default) and, for node and mqtt.client_id, the value in use; unset keys and masked secrets
+    are commented out.
+
+    Exits 2 when invalid, 0 when valid.
     """
-    from agentd.config import config_source, preflight
+    from agentd.config import preflight
+    from agentd.rule_files import check_rules
+    from agentd.sample_config import effective_config_text
 
-    cfg = _load_or_exit(path)
-    errors, notes = preflight(cfg, config_source(path))
+    if path is not None and config_path is not None and path != config_path:
+        raise click.UsageError(f"two configs given ({path} and --config {config_path}); PATH is the same as "
+                               "--config: give one")
+    loaded = _load_report_or_exit(config_path or path, "--config" if config_path is not None else "PATH")
+    cfg = loaded.cfg
+    errors, notes = preflight(cfg, loaded.source)
     if cfg.rules.enabled:  # the rule files and rules.params are part of the configuration
-        from agentd.control import load_rules
-        from rules.engine import Engine
-        from rules.model import RuleLoadError
-
-        try:
-            Engine(load_rules(cfg.rules.dirs, cfg.rules.builtin_packs), cfg.rules.params)
-        except RuleLoadError as exc:
-            errors += exc.errors
+        checked = check_rules(cfg, loaded.source)
+        errors += [f"{loaded.source}: {line}" for line in checked.files.warnings] + checked.errors
+        notes += [f"{loaded.source}: {line}" for line in checked.files.infos]
     for line in notes + errors:
         click.echo(line, err=True)
     if errors:
         sys.exit(2)
-    click.echo(effective_config_text(cfg), nl=False)
+    click.echo(effective_config_text(loaded), nl=False)
+
+
+@main.command("config")
+def sample_config() -> None:
+    """Print a commented sample agentd.toml: every key, its default and what it does.
+
+    Like `telegraf config`: generated from the configuration model, so it lists every key of
+    this version. Lines '# key = value' hold the defaults; uncomment one to change it. The
+    output passes `agentd check-config`.
+    """
+    from agentd.sample_config import sample_config_text
+
+    click.echo(sample_config_text(), nl=False)
 
 
 @main.command()
 @_CONFIG_OPTION
-def run(config_path: Path | None) -> None:
+@click.option("--once", is_flag=True,
+              help="one tick, printed (points as line protocol, the limits it would set as comments); "
+                   "writes nothing: no limit, no store, no MQTT (like telegraf --test)")
+@click.option("--format", "fmt", type=click.Choice(["lp", "json"]), default=None,
+              help="with --once: lp (default) or one JSON document")
+def run(config_path: Path | None, once: bool, fmt: str | None) -> None:
     """Run the daemon: tick, store, forward to InfluxDB, until SIGTERM/SIGINT."""
     from agentd.log import setup_logging
     from agentd.service import serve
@@ -75,7 +120,13 @@ def run(config_path: Path | None) -> None:
     from collectors.base import BackendError
     from rules.model import RuleLoadError
 
+    if fmt is not None and not once:
+        raise click.UsageError("--format goes with --once (the daemon writes to its store, not stdout)")
     cfg = _load_or_exit(config_path)
+    if once:  # before setup_logging: logs must not mix into the data on stdout
+        from agentd.oneshot import run_once
+
+        sys.exit(run_once(cfg, fmt or "lp", sys.stdout))
     setup_logging(cfg.log_level)
     try:
         asyncio.run(serve(cfg, config_path))
@@ -96,9 +147,9 @@ def run(config_path: Path | None) -> None:
 
 
 @main.command()
-@click.option("--duration", type=float, default=30.0, show_default=True, help="seconds to run")
+@click.option("--duration", type=Seconds(), default=30.0, show_default=True, help="how long to run (seconds, or 2m)")
 @click.option("--gpus", type=click.IntRange(1, 64), default=8, show_default=True)
-@click.option("--interval", type=click.FloatRange(0.05, 10), default=1.0, show_default=True)
+@click.option("--interval", type=Seconds(0.05, 10), default=1.0, show_default=True, help="seconds between ticks")
 @click.option("--profile", type=click.Choice(["training", "inference", "idle"]), default="training",
               show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
@@ -190,6 +241,12 @@ def restore_limits(config_path: Path | None, forget: tuple[str, ...]) -> None:
         sys.exit(1)
 
 
+# The simulator's own variables stay out of the daemon's AGENTD_ override prefix (a daemon started
+# from the same shell would take them as config keys).
+SIM_PASSWORD_ENV = "CDU_SIM_MQTT_PASSWORD"
+OLD_SIM_PASSWORD_ENV = "AGENTD_SIM_MQTT_PASSWORD"  # read as a fallback; reserved in agentd.config
+
+
 @main.group()
 def sim() -> None:
     """Simulators that feed a daemon through a real broker (no hardware needed)."""
@@ -206,17 +263,16 @@ def _broker(value: str) -> tuple[str, int]:
 
 
 @sim.command("cdu")
-@click.option("--broker", required=True, help="MQTT broker as HOST:PORT")
+@click.option("--broker", default=None, help="MQTT broker as HOST:PORT (not needed with --print-subscription)")
 @click.option("--site", default="default", show_default=True)
 @click.option("--unit", default="cdu-1", show_default=True, help="the CDU's id (the unit tag)")
 @click.option("--fault", "faults", multiple=True, metavar="KIND[@START][+DUR][:TARGET]",
               help="scripted fault, repeatable: pump_failure, hot_facility, leak, dropout, bad_quality, "
                    "garbage (e.g. --fault pump_failure@30 --fault leak@60+120 --fault dropout@10+20:facility)")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--interval", type=click.FloatRange(0.01, 3600), default=1.0, show_default=True,
+@click.option("--interval", type=Seconds(0.01, 3600), default=1.0, show_default=True,
               help="seconds between publications")
-@click.option("--duration", type=click.FloatRange(0, None, min_open=True), default=None,
-              help="seconds to run (default: until Ctrl-C)")
+@click.option("--duration", type=Seconds(), default=None, help="how long to run (default: until Ctrl-C)")
 @click.option("--format", "fmt", type=click.Choice(["json", "value", "influx"]), default="json", show_default=True)
 @click.option("--prefix", default="cooling", show_default=True, help="first topic level")
 @click.option("--qos", type=click.IntRange(0, 2), default=0, show_default=True)
@@ -225,11 +281,12 @@ def _broker(value: str) -> tuple[str, int]:
 @click.option("--profile", type=click.Choice(["training", "inference", "idle"]), default="training",
               show_default=True)
 @click.option("--username", default=None)
-@click.option("--password", default=None, envvar="AGENTD_SIM_MQTT_PASSWORD")
+@click.option("--password", default=None, envvar=SIM_PASSWORD_ENV, show_envvar=True,
+              help="broker password (better from the environment than on the command line)")
 @click.option("--tls/--no-tls", default=False)
 @click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--print-subscription", is_flag=True, help="print the agentd.toml subscription for these topics and exit")
-def sim_cdu(broker: str, site: str, unit: str, faults: tuple[str, ...], seed: int, interval: float,
+def sim_cdu(broker: str | None, site: str, unit: str, faults: tuple[str, ...], seed: int, interval: float,
             duration: float | None, fmt: str, prefix: str, qos: int, nodes: int, profile: str,
             username: str | None, password: str | None, tls: bool, ca_file: Path | None,
             print_subscription: bool) -> None:
@@ -240,21 +297,22 @@ def sim_cdu(broker: str, site: str, unit: str, faults: tuple[str, ...], seed: in
     """
     from collectors.cdu_sim import CduModel, parse_fault, subscription_for
 
-    host, port = _broker(broker)
     try:
         parsed = [parse_fault(f) for f in faults]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fault") from None
-    if print_subscription:
-        sub = subscription_for(fmt, prefix)
-        click.echo("[[coolant.subscriptions]]")
-        for key, value in sub.items():
-            if isinstance(value, dict):
-                inner = ", ".join(f'{k} = {v}' if isinstance(v, int) else f'{k} = "{v}"' for k, v in value.items())
-                click.echo(f"{key} = {{ {inner} }}")
-            else:
-                click.echo(f'{key} = "{value}"')
+    if print_subscription:  # what a daemon's agentd.toml needs: no broker involved
+        from agentd.sample_config import table_text
+
+        click.echo(table_text("[[coolant.subscriptions]]", subscription_for(fmt, prefix)), nl=False)
         return
+    if broker is None:
+        raise click.UsageError("Missing option '--broker' (HOST:PORT of the MQTT broker to publish to)")
+    host, port = _broker(broker)
+    if password is None and os.environ.get(OLD_SIM_PASSWORD_ENV):
+        password = os.environ[OLD_SIM_PASSWORD_ENV]
+        click.echo(f"agentd sim cdu: {OLD_SIM_PASSWORD_ENV} is deprecated (it looked like a daemon setting); "
+                   f"set {SIM_PASSWORD_ENV} instead", err=True)
     from agentd.config import MqttConfig
     from agentd.log import setup_logging
 
@@ -329,3 +387,5 @@ async def _run_sim_cdu(model, mqtt_cfg, interval: float, duration: float | None,
 
 
 main.add_command(rules)
+main.add_command(export_command)
+main.add_command(store_group)

@@ -6,7 +6,11 @@ Every key has a default, so the daemon runs with no file at all. Environment var
 parsed as TOML values when they can be (numbers, booleans, quoted strings, arrays), else taken as
 plain strings, so ``AGENTD_DRY_RUN=true`` is a boolean and ``AGENTD_NODE=gpu-01`` a string.
 
-Errors are reported as ``key.path: message (got: value)`` so an operator can find the line.
+Errors are reported as ``source: key.path: message (got: value)`` so an operator can find the
+line; the source is the file, or the ``AGENTD_*`` variable that set the key.
+
+Field descriptions are the documentation: ``agentd config`` (agentd/sample_config.py) prints
+them as the commented sample config, and ``systemd/agentd.toml`` is tested against this model.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import os
 import re
 import socket
 import tomllib
+from dataclasses import dataclass, field as dc_field
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -25,7 +31,20 @@ from agentd.site.config import BudgetConfig
 from collectors.jobs import JobsConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/agentd/agentd.toml")
+DEFAULT_RULES_DIR = Path("/etc/agentd/rules.d")
 ENV_PREFIX = "AGENTD_"
+CONFIG_ENV = "AGENTD_CONFIG"
+# AGENTD_ variables that agentd reads for something other than overriding a config key: never
+# taken as keys. Add a name here before any part of agentd reads another AGENTD_ variable.
+RESERVED_ENV: dict[str, str] = {
+    CONFIG_ENV: "the path of agentd.toml",
+    "AGENTD_SIM_MQTT_PASSWORD": "the old name of `agentd sim cdu`'s broker password (now CDU_SIM_MQTT_PASSWORD)",
+}
+# Keys a later version serves: a value set for one is refused with this reason, not "unknown key".
+NOT_AVAILABLE: dict[str, str] = {
+    "api": "the throttle API (api.listen) is not available in this version of agentd; remove the [api] "
+           "section (or the AGENTD_API__* variable)",
+}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
@@ -52,14 +71,20 @@ class _Section(BaseModel):
 
 
 class SimConfig(_Section):
-    gpus: int = Field(8, ge=1, le=64)
-    seed: int = 1
-    profile: Literal["idle", "training", "inference"] = "training"
+    """Simulated GPUs (only with backend = "sim"): no driver, no hardware."""
+
+    gpus: int = Field(8, ge=1, le=64, description="number of simulated GPUs")
+    seed: int = Field(1, description="random seed: the same seed gives the same readings")
+    profile: Literal["idle", "training", "inference"] = Field("training", description="workload the GPUs follow")
     coolant_supply_c: float = Field(30.0, ge=0, le=80, description="TCS supply temperature fed to the thermal model")
 
 
 class StoreConfig(_Section):
-    max_bytes: int = Field(1_073_741_824, ge=1_048_576, description="size cap of the SQLite store")
+    """The SQLite store in state_dir: the outage buffer, and the database when no InfluxDB is set."""
+
+    max_bytes: int = Field(1_073_741_824, ge=1_048_576,
+                           description="size cap of the SQLite store, WAL included; beyond it the oldest points "
+                                       "are dropped (counted, logged)")
     retention: str = Field("7d", description="how long readings are kept when no InfluxDB is configured")
 
     @field_validator("retention")
@@ -75,19 +100,26 @@ class StoreConfig(_Section):
 
 
 class InfluxConfig(_Section):
-    url: str | None = Field(None, description="absent = local store only")
-    api: Literal["v1", "v2"] = "v2"
-    org: str = ""
-    bucket: str = "telemetry"  # v1: the database
-    retention_policy: str = ""  # v1 only
-    token: SecretStr | None = None
-    token_file: Path | None = None
-    username: str = ""  # v1 basic auth
-    password: SecretStr | None = None
-    batch_size: int = Field(5000, ge=1, le=100_000)
-    timeout: float = Field(10.0, gt=0, le=300)
-    gzip: bool = True
-    backoff_max: float = Field(60.0, gt=0, le=3600)
+    """Where readings are shipped; with no url they stay in the local store."""
+
+    url: str | None = Field(None, description="InfluxDB base URL; absent = local store only",
+                            examples=["http://influxdb:8086"])
+    api: Literal["v1", "v2"] = Field("v2", description="v2: /api/v2/write (InfluxDB 2.x, 3.x, 1.8+, "
+                                                       "VictoriaMetrics); v1: /write (older 1.x)")
+    org: str = Field("", description="v2 organisation")
+    bucket: str = Field("telemetry", description="v2 bucket; with api = v1 the database")
+    retention_policy: str = Field("", description="v1 only: the retention policy (empty = the database's default)")
+    token: SecretStr | None = Field(None, description="v2 token inline (masked by check-config); prefer token_file",
+                                    examples=["my-token"])
+    token_file: Path | None = Field(None, description="file holding the v2 token (a systemd credential)",
+                                    examples=["/run/credentials/agentd.service/influx-token"])
+    username: str = Field("", description="v1 basic auth user")
+    password: SecretStr | None = Field(None, description="v1 basic auth password (masked by check-config)",
+                                       examples=["my-password"])
+    batch_size: int = Field(5000, ge=1, le=100_000, description="points per write")
+    timeout: float = Field(10.0, gt=0, le=300, description="seconds per write")
+    gzip: bool = Field(True, description="gzip request bodies")
+    backoff_max: float = Field(60.0, gt=0, le=3600, description="cap of the retry backoff, seconds")
 
     @field_validator("url")
     @classmethod
@@ -117,20 +149,25 @@ class InfluxConfig(_Section):
 class MqttConfig(_Section):
     """The one MQTT connection of the daemon (coolant inputs, status, later power and budgets)."""
 
-    host: str | None = Field(None, description="broker host; absent = MQTT off (no coolant input)")
-    port: int = Field(1883, ge=1, le=65535)
-    tls: bool = False
-    ca_file: Path | None = Field(None, description="CA bundle for the broker's certificate (default: system CAs)")
-    cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
-    key_file: Path | None = None
-    username: str | None = None
-    password: SecretStr | None = None
-    client_id: str = Field("", description="defaults to agentd-<node>")
-    keepalive: int = Field(30, ge=5, le=3600)
+    host: str | None = Field(None, description="broker host name or address; absent = MQTT off (no coolant input, "
+                                               "no status)", examples=["mqtt.example.org"])
+    port: int = Field(1883, ge=1, le=65535, description="broker port")
+    tls: bool = Field(False, description="connect with TLS (system CAs unless ca_file)")
+    ca_file: Path | None = Field(None, description="CA bundle for the broker's certificate (default: system CAs)",
+                                 examples=["/etc/agentd/mqtt-ca.pem"])
+    cert_file: Path | None = Field(None, description="client certificate (mutual TLS; with key_file)",
+                                   examples=["/etc/agentd/mqtt-client.pem"])
+    key_file: Path | None = Field(None, description="the client certificate's private key",
+                                  examples=["/etc/agentd/mqtt-client.key"])
+    username: str | None = Field(None, description="broker user", examples=["agentd"])
+    password: SecretStr | None = Field(None, description="broker password (needs username; masked by check-config)",
+                                       examples=["my-password"])
+    client_id: str = Field("", description="MQTT client id, unique per broker; empty = agentd-<node>")
+    keepalive: int = Field(30, ge=5, le=3600, description="seconds between keepalive pings")
     timeout: float = Field(5.0, gt=0, le=120, description="seconds for connect / subscribe / qos>0 publish")
     queue_size: int = Field(10_000, ge=10, le=1_000_000,
                             description="incoming messages held; beyond, dropped and counted")
-    reconnect_min: float = Field(0.1, gt=0, le=60)
+    reconnect_min: float = Field(0.1, gt=0, le=60, description="first reconnect delay, seconds (doubles each try)")
     reconnect_max: float = Field(2.0, gt=0, le=300, description="cap of the jittered reconnect backoff")
 
     @field_validator("host")
@@ -159,9 +196,11 @@ class MqttConfig(_Section):
 class SubscriptionConfig(_Section):
     """One coolant input: a topic filter, its payload format and how to map it (README: Coolant)."""
 
-    topic: str = Field(description="MQTT topic filter, for example 'cooling/+/+/tcs'")
-    format: Literal["json", "value", "influx"] = "json"
-    qos: int = Field(0, ge=0, le=2)
+    topic: str = Field(description="MQTT topic filter, for example 'cooling/+/+/tcs'", examples=["cooling/+/+/+"])
+    format: Literal["json", "value", "influx"] = Field(
+        "json", description="payload format: json (flat object), value (DSX style, the field from the topic), "
+                            "influx (line protocol)")
+    qos: int = Field(0, ge=0, le=2, description="MQTT subscription QoS")
     field_map: dict[str, str] = Field(default_factory=dict, description="sender name -> canonical field or ts")
     topic_tags: dict[Literal["site", "loop", "unit", "point"], int] = Field(
         default_factory=dict, description="tag -> topic level index (0-based; negative from the end)")
@@ -170,7 +209,8 @@ class SubscriptionConfig(_Section):
     field_segment: int = Field(-1, description="value format: the topic level that names the field")
     units: dict[str, str] = Field(default_factory=dict, description="canonical field -> sender's unit")
     ignore_fields: list[str] = Field(default_factory=list, description="sender fields dropped silently")
-    stale_after: str | float | None = Field(None, description="fixed staleness for every sensor of this input")
+    stale_after: str | float | None = Field(None, description="fixed staleness for every sensor of this input",
+                                            examples=["30s"])
 
     @field_validator("topic")
     @classmethod
@@ -238,7 +278,9 @@ class SubscriptionConfig(_Section):
 class CoolantConfig(_Section):
     """Coolant inputs over MQTT and how their freshness is judged."""
 
-    subscriptions: list[SubscriptionConfig] = Field(default_factory=list)
+    subscriptions: list[SubscriptionConfig] = Field(
+        default_factory=list, description="coolant inputs, one [[coolant.subscriptions]] per topic filter; without "
+                                          "any, the coolant-scope rules are left out")
     stale_floor: str | float = Field("5s", description="no sensor turns stale sooner than this")
     stale_initial: str | float = Field("30s", description="stale_after before a sensor's period is known")
     max_future: str | float = Field("60s", description="refuse sender timestamps further ahead than this")
@@ -259,43 +301,51 @@ class CoolantConfig(_Section):
         return parse_duration_s(getattr(self, name))
 
 
-class ApiConfig(_Section):
-    listen: str = "127.0.0.1:9410"
-
-
 class RulesConfig(_Section):
+    """Thermal and coolant rules that cap GPU power (README: Rules)."""
+
     enabled: bool = Field(True, description="evaluate rules and act (with dry_run: evaluate and report only)")
     builtin_packs: bool = Field(True, description="load the packs that ship in rules/packs")
-    dirs: list[Path] = Field(default_factory=lambda: [Path("/etc/agentd/rules.d")],
-                             description="site rule files: every *.yaml in these directories")
+    dirs: list[Path] = Field(default_factory=lambda: [DEFAULT_RULES_DIR],
+                             description="site rule files: every *.yaml and *.yml in these directories (or a "
+                                         "file named here); a directory named here that is absent is an error "
+                                         "of check-config, except the default, which may not exist yet")
     params: dict[str, float | int | str | bool] = Field(
-        default_factory=dict, description="site values of the packs' params (e.g. tcs_supply_max_c = 43)")
+        default_factory=dict, description="site values of the packs' params, e.g. "
+                                          "{ tcs_supply_max_c = 43, tcs_flow_rated_lpm = 160 } "
+                                          "(check with: agentd rules check --config FILE)")
     ramp_w_per_s: float = Field(25.0, gt=0, le=10_000, description="how fast a released cap rises, per GPU")
     hold_s: float = Field(30.0, ge=0, le=3600, description="no release within this long of a cap falling")
 
 
 class AgentConfig(_Section):
     interval: float = Field(1.0, ge=0.05, le=3600, description="seconds between ticks")
-    backend: Literal["nvml", "sim"] = "nvml"
-    state_dir: Path = Path("/var/lib/agentd")
-    node: str = Field("", description="defaults to the short hostname")
-    site: str = "default"
-    dry_run: bool = False
+    backend: Literal["nvml", "sim"] = Field("nvml", description="nvml: the driver; sim: simulated GPUs (no driver)")
+    state_dir: Path = Field(Path("/var/lib/agentd"),
+                            description="the SQLite store and original_limits.json (baselines while capped)")
+    node: str = Field("", description="the host tag and MQTT node name; empty = the short hostname")
+    site: str = Field("default", description="site name (MQTT topics, coolant tags)")
+    dry_run: bool = Field(False, description="observe only: evaluate and report, never touch a GPU")
     nvml_timeout: float = Field(2.0, gt=0, le=60, description="seconds before an NVML read counts as hung")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="lowest level logged")
     sim: SimConfig = SimConfig()
     store: StoreConfig = StoreConfig()
     influx: InfluxConfig = InfluxConfig()
     mqtt: MqttConfig = MqttConfig()
     coolant: CoolantConfig = CoolantConfig()
     rules: RulesConfig = RulesConfig()
-    api: ApiConfig = ApiConfig()
     budget: BudgetConfig = BudgetConfig()
     jobs: JobsConfig = JobsConfig()
 
     @property
     def node_name(self) -> str:
+        """The node's name in use: ``node``, or the short hostname when it is empty."""
         return self.node or socket.gethostname().split(".")[0]
+
+    @property
+    def mqtt_client_id(self) -> str:
+        """The MQTT client id in use: ``mqtt.client_id``, or ``agentd-<node>`` when it is empty."""
+        return self.mqtt.client_id or f"agentd-{self.node_name}"
 
 
 class ConfigError(Exception):
@@ -306,25 +356,137 @@ class ConfigError(Exception):
         self.errors = errors
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+# -- the model's shape (the environment parser, the sample config and its tests walk it) -------
+
+
+def section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a section field (``X`` or ``X | None``), or None for any other field."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return section_model(args[0])
+    return None
+
+
+def list_item_model(annotation: Any) -> type[BaseModel] | None:
+    """The item model of an array-of-tables field (``list[X]``), or None."""
+    if get_origin(annotation) is list:
+        args = get_args(annotation)
+        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return args[0]
+    return None
+
+
+def toml_fields(model: type[BaseModel]) -> dict[str, tuple[str, Any]]:
+    """The model's fields by the name a TOML file spells them (the alias when there is one, as
+    jobs.classes' ``class``): key -> (attribute name, FieldInfo)."""
+    return {(info.alias or name): (name, info) for name, info in model.model_fields.items()}
+
+
+def is_table_value(annotation: Any) -> bool:
+    """A key whose value is itself a table of free names (``rules.params``, ``field_map``)."""
+    if get_origin(annotation) in (Union, UnionType):
+        return any(is_table_value(a) for a in get_args(annotation))
+    return get_origin(annotation) is dict or annotation is dict
+
+
+# -- AGENTD_* environment overrides --------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _EnvOverrides:
+    tree: dict[str, Any] = dc_field(default_factory=dict)
+    origins: dict[tuple[str, ...], str] = dc_field(default_factory=dict)  # leaf key path -> variable
+    errors: list[str] = dc_field(default_factory=list)
+
+
+_ENV_RULE = (f"an {ENV_PREFIX} variable sets the agentd.toml key its name spells, with __ between levels: "
+             f"{ENV_PREFIX}INFLUX__URL sets influx.url")
+
+
+def _env_key_problem(name: str, path: list[str]) -> str | None:
+    """Why the variable ``name`` (key ``path``) cannot set a config key, or None when it can."""
+    model: type[BaseModel] | None = AgentConfig
+    for i, part in enumerate(path):
+        if model is None:  # a sub-key of a table-valued key (rules.params.NAME): any name
+            return None
+        _attr, info = toml_fields(model).get(part) or (part, model.model_fields.get(part))
+        dotted = ".".join(path[: i + 1])
+        if info is None:
+            if dotted in NOT_AVAILABLE:
+                return f"{name}: {dotted}: {NOT_AVAILABLE[dotted]}"
+            return (f"{name}: names the config key {'.'.join(path)}, which does not exist{_env_hint(path)} "
+                    f"({_ENV_RULE}); unset it, or rename it if another program reads it")
+        sub = section_model(info.annotation)
+        if sub is not None:
+            model = sub
+            continue
+        if i == len(path) - 1:
+            return None
+        if is_table_value(info.annotation):
+            model = None
+            continue
+        if list_item_model(info.annotation) is not None:
+            return (f"{name}: {dotted} is a list of tables and is set whole from the environment, for example "
+                    f"{ENV_PREFIX}{'__'.join(p.upper() for p in path[: i + 1])}='[{{ topic = \"cooling/#\" }}]'")
+        return f"{name}: {dotted} is a single value and has no key {path[i + 1]!r} ({_ENV_RULE})"
+    return None
+
+
+def _env_hint(path: list[str]) -> str:
+    """A close spelling for a one-underscore slip (AGENTD_INFLUX_URL for AGENTD_INFLUX__URL)."""
+    head = path[0]
+    for section, info in AgentConfig.model_fields.items():
+        sub = section_model(info.annotation)
+        rest = head[len(section) + 1:]
+        if sub is not None and head.startswith(section + "_") and rest in sub.model_fields:
+            return f" (did you mean {ENV_PREFIX}{section.upper()}__{rest.upper()}, which sets {section}.{rest}?)"
+    return ""
+
+
+def _env_overrides(environ: Mapping[str, str]) -> _EnvOverrides:
+    """The ``AGENTD_*`` variables as a tree of overrides, where each came from, and the errors of
+    the ones that name no config key (reserved names are skipped: they are not keys)."""
+    out = _EnvOverrides()
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
             continue
         path = [part.lower() for part in name[len(ENV_PREFIX):].split("__") if part]
         if not path:
+            out.errors.append(f"{name}: names no config key ({_ENV_RULE}); unset it")
+            continue
+        problem = _env_key_problem(name, path)
+        if problem is not None:
+            out.errors.append(problem)
             continue
         try:
             value: Any = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
-        node = tree
+        node = out.tree
+        conflict = False
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError([f"{name}: conflicts with another AGENTD_ variable"])
+                conflict = True
+                break
+        if conflict:
+            out.errors.append(f"{name}: conflicts with another {ENV_PREFIX} variable that sets "
+                              f"{'.'.join(path[:-1])} as a single value; unset one of them")
+            continue
         node[path[-1]] = value
-    return tree
+        _record_origins(out.origins, tuple(path), value, name)
+    return out
+
+
+def _record_origins(origins: dict[tuple[str, ...], str], path: tuple[str, ...], value: Any, name: str) -> None:
+    if isinstance(value, dict) and value:
+        for key, inner in value.items():
+            _record_origins(origins, (*path, str(key)), inner, name)
+    else:
+        origins[path] = name
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -337,58 +499,144 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format_errors(exc: ValidationError, source: str) -> list[str]:
+def _in_data(data: Any, key: tuple[str, ...]) -> bool:
+    """Whether the file's data sets ``key`` (or a list or value above it)."""
+    for part in key:
+        if isinstance(data, dict):
+            if part not in data:
+                return False
+            data = data[part]
+        elif isinstance(data, list):
+            if not (part.isdigit() and int(part) < len(data)):
+                return True  # the file set the whole list
+            data = data[int(part)]  # an entry of an array of tables: its own keys say
+        else:
+            return True
+    return True
+
+
+def _origin(file_data: dict[str, Any], env: Mapping[tuple[str, ...], str], key: tuple[str, ...]) -> str:
+    """``"file"``, ``"$AGENTD_NAME"``, ``"file + $AGENTD_NAME"`` or ``"default"`` for ``key``."""
+    covering = [name for path, name in env.items() if key[: len(path)] == path]
+    if covering:
+        return f"${covering[-1]}"
+    inside = sorted({name for path, name in env.items() if path[: len(key)] == key})
+    parts = (["file"] if _in_data(file_data, key) else []) + [f"${name}" for name in inside]
+    return " + ".join(parts) or "default"
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated configuration and where each of its values came from."""
+
+    cfg: AgentConfig
+    path: Path | None  # the file read; None when none was (built-in defaults)
+    source: str  # how errors name it: the file or "(built-in defaults)", + " + AGENTD_* environment"
+    file_data: dict[str, Any]
+    env_origins: Mapping[tuple[str, ...], str]  # leaf key path -> the AGENTD_ variable that set it
+
+    def origin(self, *key: str) -> str:
+        """Where ``key`` came from: ``file``, ``$AGENTD_NAME``, both joined by ``+``, or ``default``."""
+        return _origin(self.file_data, self.env_origins, tuple(key))
+
+    def is_set(self, *key: str) -> bool:
+        """Whether the file or the environment names ``key`` (rather than leaving its default)."""
+        return self.origin(*key) != "default"
+
+
+def _format_errors(exc: ValidationError, source: str, file_source: str, file_data: dict[str, Any],
+                   env: Mapping[tuple[str, ...], str]) -> list[str]:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the configuration reference in README.md)"
+            msg = NOT_AVAILABLE.get(key, "unknown key (check the spelling; `agentd config` prints every key)")
         got = err.get("input")
         got_txt = "" if isinstance(got, dict) else f" (got: {got!r})"
-        lines.append(f"{source}: {key}: {msg}{got_txt}")
+        origin = _origin(file_data, env, loc)  # name the variable or the file that set the key
+        if origin == "file":
+            where = file_source
+        elif origin.startswith("$") and " + " not in origin:
+            where = origin[1:]
+        else:
+            where = source
+        lines.append(f"{where}: {key}: {msg}{got_txt}")
     return lines
 
 
-def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> AgentConfig:
-    """Load ``path`` (or run on defaults when it is None or, for the default path, absent).
+def _config_path(path: Path | str | None, environ: Mapping[str, str], named_by: str) -> tuple[Path, str | None]:
+    """The file to read and what named it (None: the default path, which may be absent)."""
+    if path is not None:
+        return Path(path), named_by
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV]), f"${CONFIG_ENV}"
+    return DEFAULT_CONFIG_PATH, None
 
-    An explicitly named file that does not exist is an error: the operator meant that file.
+
+def load_config_report(path: Path | str | None = None, environ: Mapping[str, str] | None = None, *,
+                       named_by: str = "--config") -> LoadedConfig:
+    """Load ``path`` (named on the command line by ``named_by``), else ``$AGENTD_CONFIG``, else
+    the default path, which may be absent (built-in defaults); then the ``AGENTD_*`` overrides.
+
+    A file that was named (option, argument or ``$AGENTD_CONFIG``) and does not exist is an error
+    that says who named it: the operator meant that file. Raises ConfigError with every error.
     """
     environ = os.environ if environ is None else environ
-    explicit = path is not None or "AGENTD_CONFIG" in environ
-    cfg_path = Path(path) if path is not None else Path(environ.get("AGENTD_CONFIG", DEFAULT_CONFIG_PATH))
+    cfg_path, named = _config_path(path, environ, named_by)
     data: dict[str, Any] = {}
-    source = str(cfg_path)
+    source = file_source = str(cfg_path)
+    read: Path | None = cfg_path
     if cfg_path.exists():
+        hint = "fix it, or name another file with --config"
         try:
             data = tomllib.loads(cfg_path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{source}: not valid TOML: {exc}"]) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{source}: not a text file ({exc.reason}); agentd.toml is UTF-8 TOML; {hint}"]) from exc
         except OSError as exc:
-            raise ConfigError([f"{source}: cannot read: {exc.strerror}"]) from exc
-    elif explicit:
-        raise ConfigError([f"{source}: no such file (omit --config to run on defaults)"])
+            raise ConfigError([f"{source}: cannot read: {exc.strerror}; {hint}"]) from exc
+    elif named is not None:
+        undo = f"unset {CONFIG_ENV}" if named == f"${CONFIG_ENV}" else f"omit {named}"
+        raise ConfigError([f"{source}: no such file (named by {named}; check the path, or {undo} to read "
+                           f"{DEFAULT_CONFIG_PATH}, or run on built-in defaults when that is absent)"])
     else:
         source = "(built-in defaults)"
-    overrides = _env_overrides(environ)
-    if overrides:
-        data = _merge(data, overrides)
-        source += " + AGENTD_* environment"
+        read = None
+    env = _env_overrides(environ)
+    if env.tree or env.errors:
+        source += f" + {ENV_PREFIX}* environment"
+    merged = _merge(data, env.tree)
+    errors = list(env.errors)
+    cfg: AgentConfig | None = None
     try:
-        return AgentConfig.model_validate(data)
+        cfg = AgentConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from exc
+        errors += _format_errors(exc, source, file_source, data, env.origins)
+    if errors or cfg is None:
+        raise ConfigError(errors)
+    return LoadedConfig(cfg, read, source, data, env.origins)
+
+
+def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None, *,
+                named_by: str = "--config") -> AgentConfig:
+    """The validated configuration (see ``load_config_report``); raises ConfigError."""
+    return load_config_report(path, environ, named_by=named_by).cfg
 
 
 def config_source(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> str:
     """Where ``load_config(path, environ)`` takes the configuration from, as its errors name it."""
     environ = os.environ if environ is None else environ
-    cfg_path = Path(path) if path is not None else Path(environ.get("AGENTD_CONFIG", DEFAULT_CONFIG_PATH))
-    explicit = path is not None or "AGENTD_CONFIG" in environ
-    source = str(cfg_path) if cfg_path.exists() or explicit else "(built-in defaults)"
-    if _env_overrides(environ):
-        source += " + AGENTD_* environment"
+    cfg_path, named = _config_path(path, environ, "--config")
+    source = str(cfg_path) if cfg_path.exists() or named else "(built-in defaults)"
+    env = _env_overrides(environ)
+    if env.tree or env.errors:
+        source += f" + {ENV_PREFIX}* environment"
     return source
 
 
@@ -480,54 +728,3 @@ def preflight(cfg: AgentConfig, source: str, environ: Mapping[str, str] | None =
     if problem is not None:
         errors.append(f"{source}: state_dir: {problem} (got: {str(cfg.state_dir)!r})")
     return errors, notes
-
-
-def effective_config_text(cfg: AgentConfig) -> str:
-    """The effective configuration as TOML-ish text, secrets masked (for ``check-config``)."""
-    out: list[str] = []
-
-    def emit(prefix: str, model: BaseModel, array: bool = False) -> None:
-        scalars, sections, arrays = [], [], []
-        for name in type(model).model_fields:
-            value = getattr(model, name)
-            if isinstance(value, BaseModel):
-                sections.append((name, value))
-            elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
-                arrays.append((name, value))
-            else:
-                scalars.append((name, value))
-        if prefix:
-            out.append(f"\n[[{prefix}]]" if array else f"\n[{prefix}]")
-        for name, value in scalars:
-            out.append(f"{name} = {_toml_value(value)}")
-        for name, value in sections:
-            emit(f"{prefix}.{name}" if prefix else name, value)
-        for name, items in arrays:
-            for item in items:
-                emit(f"{prefix}.{name}" if prefix else name, item, array=True)
-
-    emit("", cfg)
-    return "\n".join(out).lstrip() + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, SecretStr):
-        return '"********"'
-    if value is None:
-        return '""  # unset'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        if not value:
-            return "{}"
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _toml_key(key: Any) -> str:
-    text = str(key)
-    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else _toml_value(text)

@@ -146,3 +146,47 @@ def test_errors_from_the_files_and_the_rules_are_reported_together(tmp_path: Pat
                     "[rules]\nparams = { tcs_supply_max = 43 }\n")
     code, output = check(path)
     assert code == 2 and "influx.token_file: cannot read" in output and "params.tcs_supply_max" in output, output
+
+
+# -- rule files: a directory the config names must exist; the default may not -------------------
+
+def rules_config(tmp_path: Path, rules: str) -> Path:
+    path = tmp_path / "agentd.toml"
+    path.write_text(f"backend = 'sim'\nstate_dir = '{tmp_path / 'state'}'\n[rules]\n{rules}")
+    return path
+
+
+def test_a_named_rule_directory_that_is_missing_is_a_check_config_error(tmp_path: Path) -> None:
+    present = tmp_path / "site-rules"
+    present.mkdir()
+    path = rules_config(tmp_path, f"dirs = ['{present}', '{tmp_path}/absent']\n")
+    code, output = check(path)
+    assert code == 2, output
+    assert (f"{path}: rules.dirs[1]: no such file or directory; create it, or remove it from rules.dirs "
+            f"(got: '{tmp_path}/absent')") in output
+    assert f"{path}: rules.dirs[0]: note: holds no *.yaml or *.yml rule files" in output
+    code, output = check(path, AGENTD_RULES__DIRS=f"['{present}']")  # named from the environment: the same
+    assert code == 0, output
+    code, output = check(path, AGENTD_RULES__DIRS=f"['{tmp_path}/absent']")
+    assert code == 2 and "rules.dirs[0]: no such file or directory" in output, output
+
+
+def test_the_default_rule_directory_may_be_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agentd.config
+
+    default = tmp_path / "etc-agentd" / "rules.d"
+    monkeypatch.setattr(agentd.config, "DEFAULT_RULES_DIR", default)
+    for text in ("", f"dirs = ['{default}']\n"):  # left to its default, or named as the shipped example does
+        path = rules_config(tmp_path, text)
+        code, output = check(path)
+        assert code == 0, (text, output)
+        assert (f"{path}: rules.dirs[0]: note: the default rule directory does not exist; create it to add site "
+                f"rules (got: '{default}')") in output
+
+
+def test_yml_rule_files_are_checked_and_their_errors_named(tmp_path: Path) -> None:
+    rules_dir = tmp_path / "rules.d"
+    rules_dir.mkdir()
+    (rules_dir / "site.yml").write_text("rules:\n  - name: hot\n    scope: gpu\n    when: gpu.tmp_c > 80\n")
+    code, output = check(rules_config(tmp_path, f"dirs = ['{rules_dir}']\n"))
+    assert code == 2 and f"{rules_dir}/site.yml: rules[0] (hot): when: unknown signal 'gpu.tmp_c'" in output, output

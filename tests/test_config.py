@@ -71,7 +71,8 @@ def test_environment_overrides_the_file(tmp_path):
 def test_bad_environment_value_is_located(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(None, environ={"AGENTD_INTERVAL": "soon"})
-    assert "AGENTD_* environment: interval:" in str(err.value)
+    assert err.value.errors == ["AGENTD_INTERVAL: interval: Input should be a valid number, unable to parse "
+                                "string as a number (got: 'soon')"]  # names the variable that set it
 
 
 def test_token_file_is_read_and_a_missing_one_is_explained(tmp_path):
@@ -118,3 +119,129 @@ def test_the_shipped_example_config_is_valid(tmp_path):
     example = Path(__file__).resolve().parent.parent / "systemd" / "agentd.toml"
     result = CliRunner().invoke(main, ["check-config", str(example)], env={})
     assert result.exit_code == 0, result.output
+
+
+# -- the environment: AGENTD_* sets keys; names that are not keys are located errors ----------
+
+def test_an_agentd_variable_that_is_no_key_names_the_variable_and_the_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ={"AGENTD_INFLUX_URL": "http://db:8086", "AGENTD_INTERVAL": "0.5"})
+    (line,) = err.value.errors
+    assert line.startswith("AGENTD_INFLUX_URL: names the config key influx_url, which does not exist "
+                           "(did you mean AGENTD_INFLUX__URL, which sets influx.url?)"), line
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ={"AGENTD_INTERVAL__FAST": "1"})
+    assert err.value.errors == ["AGENTD_INTERVAL__FAST: interval is a single value and has no key 'fast' "
+                                "(an AGENTD_ variable sets the agentd.toml key its name spells, with __ between "
+                                "levels: AGENTD_INFLUX__URL sets influx.url)"]
+    with pytest.raises(ConfigError, match="coolant.subscriptions is a list of tables and is set whole"):
+        load_config(None, environ={"AGENTD_COOLANT__SUBSCRIPTIONS__TOPIC": "x"})
+
+
+def test_every_error_of_the_file_and_the_environment_comes_at_once(tmp_path):
+    path = write(tmp_path, "interval = 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={"AGENTD_NOPE": "1", "AGENTD_SIM__GPUS": "0"})
+    lines = err.value.errors
+    assert len(lines) == 3, lines
+    assert any(ln.startswith("AGENTD_NOPE: names the config key nope") for ln in lines)
+    assert f"{path}: interval: Input should be greater than or equal to 0.05 (got: 0)" in lines
+    assert "AGENTD_SIM__GPUS: sim.gpus: Input should be greater than or equal to 1 (got: 0)" in lines
+
+
+def test_variables_agentd_reads_for_other_purposes_are_never_keys(tmp_path):
+    from agentd.config import RESERVED_ENV
+
+    path = write(tmp_path, "interval = 0.5\n")
+    env = {"AGENTD_CONFIG": str(path), "AGENTD_SIM_MQTT_PASSWORD": "s3cret", "CDU_SIM_MQTT_PASSWORD": "s3cret",
+           "_AGENTD_COMPLETE": "bash_source"}
+    assert load_config(None, environ=env).interval == 0.5
+    assert {"AGENTD_CONFIG", "AGENTD_SIM_MQTT_PASSWORD"} <= set(RESERVED_ENV)
+
+
+def test_the_agentd_variables_agentd_reads_are_all_reserved():
+    """Any AGENTD_* name that agentd's own code reads (os.environ, getenv, a click envvar, an
+    ``*_ENV = "AGENTD_..."`` constant) must be in RESERVED_ENV, or be a config key."""
+    import re
+
+    from agentd.config import ENV_PREFIX, RESERVED_ENV, _env_key_problem
+
+    reads = re.compile(r"""(?:environ(?:\.get)?\(|environ\[|getenv\(|envvar=\[?|_ENV\s*=\s*)\s*["'](AGENTD_[A-Z0-9_]+)""")
+    repo = Path(__file__).resolve().parents[1]
+    names = set()
+    for folder in ("agentd", "collectors", "rules"):
+        for src in (repo / folder).rglob("*.py"):
+            names |= set(reads.findall(src.read_text()))
+    assert "AGENTD_CONFIG" in names  # the pattern finds what it is meant to find
+    for name in sorted(names):
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        assert name in RESERVED_ENV or (path and _env_key_problem(name, path) is None), (
+            f"{name} is read by agentd and is not a config key: add it to agentd.config.RESERVED_ENV")
+
+
+def test_table_valued_keys_take_sub_keys_from_the_environment():
+    cfg = load_config(None, environ={"AGENTD_RULES__PARAMS__TCS_SUPPLY_MAX_C": "43"})
+    assert cfg.rules.params == {"tcs_supply_max_c": 43}
+
+
+def test_api_listen_is_refused_as_not_available_in_this_version(tmp_path):
+    path = write(tmp_path, "[api]\nlisten = '127.0.0.1:9410'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    (line,) = err.value.errors
+    assert line.startswith(f"{path}: api: the throttle API (api.listen) is not available in this version"), line
+    with pytest.raises(ConfigError, match="AGENTD_API__LISTEN: api: the throttle API"):
+        load_config(None, environ={"AGENTD_API__LISTEN": "0.0.0.0:9410"})
+    assert load_config(None, environ={})  # the defaults pass
+
+
+# -- which file: --config, $AGENTD_CONFIG or the default, and who named a missing one ----------
+
+def test_a_missing_file_says_who_named_it(tmp_path):
+    absent = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as err:
+        load_config(absent, environ={})
+    assert err.value.errors[0].startswith(f"{absent}: no such file (named by --config; check the path, or omit "
+                                          "--config to read /etc/agentd/agentd.toml")
+    with pytest.raises(ConfigError) as err:
+        load_config(absent, environ={}, named_by="PATH")
+    assert "(named by PATH; check the path, or omit PATH" in err.value.errors[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ={"AGENTD_CONFIG": str(absent)})
+    assert err.value.errors[0].startswith(f"{absent}: no such file (named by $AGENTD_CONFIG; check the path, "
+                                          "or unset AGENTD_CONFIG")
+
+
+def test_config_option_wins_over_agentd_config(tmp_path):
+    a = write(tmp_path, "interval = 0.5\n")
+    b = tmp_path / "b.toml"
+    b.write_text("interval = 2.0\n")
+    assert load_config(b, environ={"AGENTD_CONFIG": str(a)}).interval == 2.0
+    assert load_config(None, environ={"AGENTD_CONFIG": str(a)}).interval == 0.5
+    assert load_config(None, environ={"AGENTD_CONFIG": ""}).interval == 1.0  # empty = unset
+
+
+def test_a_binary_file_is_refused_by_name(tmp_path):
+    path = tmp_path / "agentd.toml"
+    path.write_bytes(b"\xff\xfe\x00interval = 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert err.value.errors[0].startswith(f"{path}: not a text file")
+
+
+def test_origins_say_file_environment_or_default(tmp_path):
+    from agentd.config import load_config_report
+
+    path = write(tmp_path, "interval = 0.5\n[influx]\nurl = 'http://db:8086'\n[rules]\nparams = { a_c = 1 }\n"
+                           "[[coolant.subscriptions]]\ntopic = 'cooling/#'\n")
+    loaded = load_config_report(path, environ={"AGENTD_NODE": "n7", "AGENTD_INFLUX__API": "v1",
+                                               "AGENTD_RULES__PARAMS__B_C": "2"})
+    assert loaded.origin("interval") == "file"
+    assert loaded.origin("node") == "$AGENTD_NODE"
+    assert loaded.origin("influx", "url") == "file" and loaded.origin("influx", "api") == "$AGENTD_INFLUX__API"
+    assert loaded.origin("influx", "org") == "default" and loaded.origin("sim", "gpus") == "default"
+    assert loaded.origin("rules", "params") == "file + $AGENTD_RULES__PARAMS__B_C"
+    assert loaded.origin("coolant", "subscriptions", "0", "topic") == "file"
+    assert loaded.origin("coolant", "subscriptions", "0", "format") == "default"  # not in the entry
+    assert loaded.source == f"{path} + AGENTD_* environment"
+    assert loaded.cfg.rules.params == {"a_c": 1, "b_c": 2}

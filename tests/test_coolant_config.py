@@ -92,8 +92,8 @@ def test_mqtt_host_from_the_environment(tmp_path):
 def test_check_config_prints_subscriptions_as_toml_and_masks_the_password(tmp_path):
     result = CliRunner().invoke(main, ["check-config", str(write(tmp_path, GOOD))], env={})
     assert result.exit_code == 0, result.output
-    assert "[[coolant.subscriptions]]" in result.output and '"pw"' not in result.output
-    text = result.output.replace('""  # unset', '""')
+    assert "[[coolant.subscriptions]]" in result.stdout and '"pw"' not in result.output
+    text = result.stdout.replace('""  # unset', '""')
     data = tomllib.loads(text)
     assert data["coolant"]["subscriptions"][1]["field_map"] == {"RackLiquidSupplyTemperature": "supply_temp_c"}
     assert data["coolant"]["subscriptions"][0]["topic_tags"] == {"site": 1, "unit": 2}
