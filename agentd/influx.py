@@ -44,9 +44,11 @@ import aiohttp
 import structlog
 
 from agentd.backoff import full_jitter_s
-from agentd.store import Batch, Store, StoreError
+from agentd.store import Batch, StoreError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
     from influxdb_client.service.write_service import WriteService
 
@@ -56,7 +58,7 @@ log = structlog.get_logger("agentd.influx")
 
 __all__ = [
     "WriteError", "WriteRejected", "WriteFailed", "Writer", "V1Writer", "V2Writer", "make_writer",
-    "Forwarder", "GZIP_LEVEL", "gzip_body", "classify", "first_bad_line",
+    "BatchSource", "Forwarder", "GZIP_LEVEL", "gzip_body", "classify", "first_bad_line",
 ]
 
 # zlib level 1 makes GPU line protocol ~20x smaller for ~0.8 us per point; level 9 (the default
@@ -378,6 +380,23 @@ def first_bad_line(text: str, lines: list[str]) -> str:
     return lines[0] if lines else ""
 
 
+class BatchSource(Protocol):
+    """What the forwarder reads batches from and reports their fate to: the daemon's store
+    (``agentd.store.Store``: ``ack`` deletes, ``quarantine`` moves), or a replay of a store
+    (``agentd.export``: a copy, where ``ack`` only moves a cursor and nothing is deleted)."""
+
+    path: Path
+
+    def oldest(self, limit: int, *, after_id: int | None = None) -> Batch | None: ...
+    def ack(self, batch: Batch) -> None: ...
+    def quarantine(self, batch: Batch, reason: str) -> int: ...
+    def backlog(self) -> int: ...
+    def size_bytes(self) -> int: ...
+
+    @property
+    def quarantined_count(self) -> int: ...
+
+
 class Forwarder:
     """Ships the store's oldest batches to a writer; see the module docstring for the policy.
 
@@ -402,7 +421,7 @@ class Forwarder:
     OUTAGE_LOG_EVERY_S = 300.0
     QUARANTINE_LOG_EVERY_S = 60.0
 
-    def __init__(self, store: Store, writer: Writer, *, batch_size: int = 5000, backoff_max: float = 60.0,
+    def __init__(self, store: BatchSource, writer: Writer, *, batch_size: int = 5000, backoff_max: float = 60.0,
                  backoff_base: float = 0.5, rng: random.Random | None = None,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
                  monotonic: Callable[[], float] = time.monotonic, idle_poll_s: float = 5.0,

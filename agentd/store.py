@@ -75,10 +75,10 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -87,8 +87,8 @@ from agentd.store_salvage import MAX_ID, open_damaged, readable_rows, readable_t
 
 log = structlog.get_logger("agentd.store")
 
-__all__ = ["BOUNDS_MAX_ROWS", "SCHEMA_VERSION", "Batch", "BoundsStep", "CheckpointStats", "Store",
-           "StoreError"]
+__all__ = ["BOUNDS_MAX_ROWS", "SCHEMA_VERSION", "Batch", "BoundsStep", "CheckpointStats", "PointFilter", "Store",
+           "StoreError", "StoreInfo", "StoreNotFound", "StoreReader"]
 
 SCHEMA_VERSION = 1  # PRAGMA user_version of the files this code writes
 
@@ -1216,11 +1216,12 @@ class Store:
 
     def _query_unlocked(self, measurement: str | None = None, since_ns: int | None = None,
                         limit: int | None = None) -> list[str]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[object] = []
         if measurement is not None:
-            prefix = escape_measurement(measurement)
-            where.append("substr(line, 1, ?) IN (?, ?)")
-            params += [len(prefix) + 1, prefix + ",", prefix + " "]
+            clause, args = _measurement_clause((measurement,))
+            where.append(clause)
+            params += args
         if since_ns is not None:
             where.append("ts_ns >= ?")
             params.append(int(since_ns))
@@ -1294,3 +1295,279 @@ def _batch_rows(batch: Batch) -> tuple[str, tuple]:
     if not ids or ids[-1] - ids[0] + 1 == len(ids):
         return "id BETWEEN ? AND ?", (batch.first_id, batch.last_id)
     return "id IN (SELECT value FROM json_each(?))", ("[" + ",".join(map(str, ids)) + "]",)
+
+
+# -- reading a store from another process (agentd export, agentd store info) ----------------
+
+READ_BUSY_TIMEOUT_S = 1.0  # a reader waits at most this long for a lock (WAL readers rarely meet one)
+READ_CHUNK_ROWS = 5000     # rows per read transaction; each ends before the next begins
+
+StoredRow = tuple[int, int, str]  # (id, ts_ns, line) as a reader returns them
+
+
+def _measurement_clause(measurements: Sequence[str]) -> tuple[str, list[object]]:
+    """A WHERE term for lines of any of ``measurements``: the line starts with the escaped name
+    and then ``,`` or `` `` (no parse, no index)."""
+    terms: list[str] = []
+    params: list[object] = []
+    for name in measurements:
+        prefix = escape_measurement(name)
+        terms.append("substr(line, 1, ?) IN (?, ?)")
+        params += [len(prefix) + 1, prefix + ",", prefix + " "]
+    return "(" + " OR ".join(terms) + ")", params
+
+
+class StoreNotFound(StoreError):
+    """The store file does not exist (the message names the path)."""
+
+
+@dataclass(slots=True, frozen=True)
+class PointFilter:
+    """Which stored points a reader returns: any of ``measurements`` (empty: all) stamped in the
+    half-open range ``since_ns <= ts < until_ns`` (None: unbounded), so that adjacent windows
+    never return a point twice."""
+
+    measurements: tuple[str, ...] = ()
+    since_ns: int | None = None
+    until_ns: int | None = None
+
+    def terms(self, *, by_id: bool) -> tuple[list[str], list[object]]:
+        """WHERE terms and their parameters. ``by_id``: the caller walks rows in id order, so the
+        time terms must not pick the ts index (a ``+`` keeps SQLite on the rowid range; with the
+        index it would sort each chunk's whole candidate set again)."""
+        ts = "+ts_ns" if by_id else "ts_ns"
+        terms: list[str] = []
+        params: list[object] = []
+        if self.since_ns is not None:
+            terms.append(f"{ts} >= ?")
+            params.append(int(self.since_ns))
+        if self.until_ns is not None:
+            terms.append(f"{ts} < ?")
+            params.append(int(self.until_ns))
+        if self.measurements:
+            clause, args = _measurement_clause(self.measurements)
+            terms.append(clause)
+            params += args
+        return terms, params
+
+
+@dataclass(slots=True, frozen=True)
+class StoreInfo:
+    """What ``agentd store info`` reports; read in one short read transaction, nothing written."""
+
+    path: str
+    db_bytes: int          # the database file
+    wal_bytes: int         # its -wal file
+    used_bytes: int        # pages in use + the WAL: what store.max_bytes bounds (Store.size_bytes)
+    points: int            # rows in ``points``: what export returns; with InfluxDB, the backlog
+    oldest_ns: int | None  # the points' timestamps
+    newest_ns: int | None
+    quarantined: int       # lines the server refused, kept in the ``quarantine`` table
+    quarantine_newest_reason: str | None
+    quarantine_newest_ns: int | None  # when the newest was quarantined
+    dropped: int           # lines deleted by the size bound or a full disk since the store was made
+    schema_version: int    # PRAGMA user_version
+    damaged_copies: tuple[str, ...] = ()  # store.sqlite.damaged-* kept beside it
+
+    @property
+    def size_bytes(self) -> int:
+        """The files on disk: database + WAL."""
+        return self.db_bytes + self.wal_bytes
+
+
+class StoreReader:
+    """A read-only view of a store that a running daemon may be writing (``agentd export``,
+    ``agentd store info``).
+
+    Why it cannot get in the daemon's way: the connection is opened with ``mode=ro``, so SQLite
+    refuses every write through it (it can never checkpoint, vacuum or move the WAL into the
+    database file, even when it closes last); WAL readers never block the writer; rows are read
+    in chunks of ``chunk_rows``, each its own short read transaction, so the daemon's
+    checkpointer can start the WAL over between them instead of watching it grow for as long as
+    an export runs; a lock is waited on for ``busy_timeout_s`` at most.
+
+    A store that no process has open (no ``-wal`` or ``-shm`` beside it: a daemon's writer
+    always has both) is opened ``immutable``: read as the file is, without locks and without
+    creating the ``-wal`` and ``-shm`` files that a WAL reader otherwise makes (so nothing in
+    ``state_dir`` changes, and a user who may read the file but not write the directory can
+    export it). Should a daemon open the store meanwhile (its ``-wal`` appears), the next read
+    reconnects as a WAL reader: the daemon's writes go to its WAL, and its first checkpoint
+    into the file comes only after many ticks.
+
+    Thread-safe (the replay reads from the forwarder's worker threads). Errors are StoreError
+    naming the file; a missing file is StoreNotFound.
+    """
+
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = READ_BUSY_TIMEOUT_S,
+                 chunk_rows: int = READ_CHUNK_ROWS) -> None:
+        self.path = Path(path)
+        self.chunk_rows = max(1, int(chunk_rows))
+        self._busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        if not self.path.exists():
+            raise StoreNotFound(f"store {self.path}: no such file")
+        if not self.path.is_file():
+            raise StoreError(f"store {self.path}: not a file")
+        self._wal_path = Path(f"{self.path}-wal")
+        self._shm_path = Path(f"{self.path}-shm")
+        self.immutable = False
+        self._conn = self._connect()
+        try:
+            self.schema_version = self._one("open", "PRAGMA user_version")
+            if self.schema_version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has schema version {self.schema_version}, newer than this agentd's "
+                    f"{SCHEMA_VERSION} (written by a newer agentd): read it with that version")
+            tables = {r[0] for r in self._rows("open", "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "points" not in tables:
+                raise StoreError(f"store {self.path}: not an agentd store (no points table)")
+            self._has_quarantine = "quarantine" in tables
+            self._has_meta = "meta" in tables
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _live(self) -> bool:
+        """Whether some process may have the store open (its WAL files are there)."""
+        return self._wal_path.exists() or self._shm_path.exists()
+
+    def _connect(self) -> sqlite3.Connection:
+        self.immutable = not self._live()
+        uri = self.path.resolve().as_uri() + ("?mode=ro&immutable=1" if self.immutable else "?mode=ro")
+        try:
+            return sqlite3.connect(uri, uri=True, timeout=self._busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(self._explain("open", exc)) from exc
+
+    def _explain(self, what: str, exc: sqlite3.Error) -> str:
+        code = _code(exc)
+        if _is_damage(exc):
+            return (f"store {self.path}: {what} failed, the file is damaged ({exc}); a running agentd moves a "
+                    f"damaged store aside ({self.path.name}.damaged-<time>) and salvages what is readable")
+        if code == 5 or "locked" in str(exc):  # SQLITE_BUSY
+            return (f"store {self.path}: {what} failed: the store stayed locked for {self._busy_timeout_s:g} s "
+                    f"({exc}); try again")
+        if "unable to open" in str(exc):
+            return (f"store {self.path}: {what} failed: {exc} (a reader needs read access to the file and "
+                    "to its -wal and -shm files, and to create them when no daemon has the store open)")
+        return f"store {self.path}: {what} failed: {exc}"
+
+    def _rows(self, what: str, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            self._reconnect_if_live()
+            try:
+                return self._conn.execute(sql, params).fetchall()  # fetchall: the read transaction ends here
+            except sqlite3.Error as exc:
+                raise StoreError(self._explain(what, exc)) from exc
+
+    def _one(self, what: str, sql: str, params: Sequence[object] = ()) -> Any:
+        rows = self._rows(what, sql, params)
+        return rows[0][0] if rows else None
+
+    def _reconnect_if_live(self) -> None:
+        """A daemon opened the store since: read through the WAL from now on (two stats a call)."""
+        if self.immutable and self._live():
+            self._conn.close()
+            self._conn = self._connect()
+
+    def top_id(self) -> int:
+        """The newest row's id (0 when empty): reading up to it makes an export finish while the
+        daemon keeps appending."""
+        return int(self._one("read", "SELECT max(id) FROM points") or 0)
+
+    def count(self, flt: PointFilter = PointFilter(), max_id: int | None = None) -> int:
+        """Points ``flt`` selects (up to ``max_id``)."""
+        terms, params = flt.terms(by_id=False)
+        if max_id is not None:
+            terms.append("id <= ?")
+            params.append(int(max_id))
+        sql = "SELECT count(*) FROM points" + (" WHERE " + " AND ".join(terms) if terms else "")
+        return int(self._one("count", sql, params))
+
+    def first_id(self, flt: PointFilter) -> int:
+        """An id below every row ``flt`` selects (a since-bound export starts there, not at the
+        beginning of a week of rows; ids and timestamps are not in the same order: coolant
+        senders stamp their own readings)."""
+        if flt.since_ns is None:
+            return 0
+        lowest = self._one("read", "SELECT min(id) FROM points WHERE ts_ns >= ?", (int(flt.since_ns),))
+        return 0 if lowest is None else int(lowest) - 1
+
+    def read(self, flt: PointFilter, after_id: int, limit: int, max_id: int | None = None) -> list[StoredRow]:
+        """Up to ``limit`` rows ``(id, ts_ns, line)`` after ``after_id`` (and up to ``max_id``), in
+        id order (the order they were stored), in one short read transaction."""
+        terms, params = flt.terms(by_id=True)
+        terms = ["id > ?"] + (["id <= ?"] if max_id is not None else []) + terms
+        params = [int(after_id)] + ([int(max_id)] if max_id is not None else []) + params
+        sql = f"SELECT id, ts_ns, line FROM points WHERE {' AND '.join(terms)} ORDER BY id LIMIT ?"
+        return self._rows("read", sql, [*params, int(limit)])
+
+    def chunks(self, flt: PointFilter = PointFilter(), max_id: int | None = None) -> Iterator[list[StoredRow]]:
+        """Every row ``flt`` selects up to ``max_id`` (default: the newest at the first call), in
+        chunks of ``chunk_rows``; rows deleted meanwhile (shipped, aged) are simply not met."""
+        top = self.top_id() if max_id is None else max_id
+        after = self.first_id(flt)
+        while after < top:
+            rows = self.read(flt, after, self.chunk_rows, top)
+            if not rows:
+                return
+            yield rows
+            after = rows[-1][0]
+
+    def info(self) -> StoreInfo:
+        """Sizes, counts, time span, quarantine, drops and version, in one read transaction."""
+        with self._lock:
+            self._reconnect_if_live()
+            conn = self._conn
+            try:
+                conn.execute("BEGIN")
+                try:
+                    def one(sql: str) -> Any:
+                        return conn.execute(sql).fetchone()
+
+                    page_size = one("PRAGMA page_size")[0]
+                    used = (one("PRAGMA page_count")[0] - one("PRAGMA freelist_count")[0]) * page_size
+                    points = one("SELECT count(*) FROM points")[0]
+                    oldest = one("SELECT min(ts_ns) FROM points")[0]
+                    newest = one("SELECT max(ts_ns) FROM points")[0]
+                    quarantined, reason, reason_ns = 0, None, None
+                    if self._has_quarantine:
+                        quarantined = one("SELECT count(*) FROM quarantine")[0]
+                        row = one("SELECT reason, quarantined_ns FROM quarantine "
+                                  "ORDER BY quarantined_ns DESC, id DESC LIMIT 1")
+                        if row is not None:
+                            reason, reason_ns = row
+                    dropped = 0
+                    if self._has_meta:
+                        row = one("SELECT value FROM meta WHERE key = 'dropped'")
+                        dropped = int(row[0]) if row else 0
+                finally:
+                    conn.execute("COMMIT")  # a read transaction: ends the snapshot, writes nothing
+            except sqlite3.Error as exc:
+                raise StoreError(self._explain("info", exc)) from exc
+        wal = _file_size(Path(f"{self.path}-wal"))
+        damaged = tuple(sorted(str(p) for p in self.path.parent.glob(f"{self.path.name}.damaged-*")
+                               if not p.name.endswith(("-wal", "-shm", ".salvage", ".tmp"))))
+        return StoreInfo(path=str(self.path), db_bytes=_file_size(self.path), wal_bytes=wal, used_bytes=used + wal,
+                         points=points, oldest_ns=oldest, newest_ns=newest, quarantined=quarantined,
+                         quarantine_newest_reason=reason, quarantine_newest_ns=reason_ns, dropped=dropped,
+                         schema_version=self.schema_version, damaged_copies=damaged)
+
+    def close(self) -> None:
+        """Close the connection (read-only: nothing is checkpointed); safe to call twice."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
