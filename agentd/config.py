@@ -27,6 +27,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from collectors.durations import parse_duration_s  # noqa: F401  (agentd.config.parse_duration_s is public)
 from agentd.site.config import BudgetConfig
 from collectors.jobs import JobsConfig
 
@@ -45,24 +46,6 @@ NOT_AVAILABLE: dict[str, str] = {
     "api": "the throttle API (api.listen) is not available in this version of agentd; remove the [api] "
            "section (or the AGENTD_API__* variable)",
 }
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_duration_s(value: str | int | float) -> float:
-    """Parse ``"7d"``, ``"90s"``, ``"250ms"`` or a bare number of seconds into seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as '30s', '5m' or '7d'")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION_RE.match(value)
-        if not match:
-            raise ValueError("expected a duration such as '30s', '5m' or '7d'")
-        seconds = float(match.group(1)) * _DURATION_UNITS_S[match.group(2) or "s"]
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
 
 
 class _Section(BaseModel):

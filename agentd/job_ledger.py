@@ -43,7 +43,8 @@ import structlog
 from agentd.lineproto import Point, encode
 from collectors.base import GpuSample
 from collectors.job_classes import ClassProvider, RefreshOutcome, Runner, run_command
-from collectors.jobs import CLASSES, GpuJobs, JobAttributor, JobRef, JobsConfig, Via, job_sort_key
+from collectors.classes import CLASSES
+from collectors.jobs import GpuJobs, JobAttributor, JobRef, JobsConfig, Via, job_sort_key
 
 log = structlog.get_logger("agentd.jobs")
 

@@ -35,36 +35,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from collectors.classes import CLASSES, JOB_CLASSES  # noqa: F401  (re-exported: collectors.jobs.CLASSES)
+from collectors.durations import parse_duration_s
+
 # Priority classes, lowest first. rules.budget defines the same tuple (collectors may not
 # import rules); "idle" is the class of a GPU with no process, never of a job.
-CLASSES: tuple[str, ...] = ("idle", "low", "normal", "high")
-JOB_CLASSES: tuple[str, ...] = CLASSES[1:]
 JobKind = Literal["slurm", "k8s"]
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_duration_s(value: str | int | float) -> float:
-    """``"30s"``, ``"5m"``, ``"250ms"`` or a bare number of seconds, in seconds.
-
-    The grammar of ``agentd.config.parse_duration_s``, copied as ``rules.model`` does:
-    collectors never imports agentd.
-    """
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as '30s', '5m' or '250ms'")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        match = _DURATION_RE.match(value)
-        if not match:
-            raise ValueError("expected a duration such as '30s', '5m' or '250ms'")
-        seconds = float(match.group(1)) * _DURATION_UNITS_S[match.group(2) or "s"]
-    else:
-        raise ValueError("expected a duration such as '30s', '5m' or '250ms'")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
 
 
 def check_job_class(value: str) -> str:

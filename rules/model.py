@@ -27,54 +27,19 @@ Loading reports every error at once, each located as
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from collections.abc import Iterable, Mapping
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from collectors.durations import format_duration, parse_duration_s  # noqa: F401  (rules' public names)
 from rules.expr import BOOL, NUMBER, Expr, ExprError, parse_expr, value_type
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _PARAM_REF_RE = re.compile(r"^params\.([A-Za-z_][A-Za-z0-9_]*)$")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]*$")
-
-
-def parse_duration_s(value: str | int | float) -> float:
-    """Parse ``"90s"``, ``"250ms"``, ``"5m"`` or a bare number of seconds into seconds.
-
-    The same grammar as ``agentd.config.parse_duration_s`` (copied: rules never imports agentd).
-    """
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as '30s', '5m' or '500ms'")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        match = _DURATION_RE.match(value)
-        if not match:
-            raise ValueError("expected a duration such as '30s', '5m' or '500ms'")
-        seconds = float(match.group(1)) * _DURATION_UNITS_S[match.group(2) or "s"]
-    else:
-        raise ValueError("expected a duration such as '30s', '5m' or '500ms'")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """``90.0`` -> ``"1m30s"``; for messages."""
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    m, s = divmod(seconds, 60)
-    if m == 0:
-        return f"{s:g}s"
-    h, m = divmod(int(m), 60)
-    out = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s:g}s" if s else "")
-    return out
 
 
 class _Strict(BaseModel):

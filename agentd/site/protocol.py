@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from collectors.classes import CLASSES
 
-# Priority classes, lowest first (the lead unifies this with rules.budget.CLASSES).
-CLASSES = ("idle", "low", "normal", "high")
+
 VERSION: Literal[1] = 1
 MAX_PAYLOAD_BYTES = 64 * 1024  # a report of a 64-GPU node is ~1 KB; anything near this is abuse
 MIN_KEY_BYTES = 16
