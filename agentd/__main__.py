@@ -1,5 +1,5 @@
-"""``python -m agentd`` is the ``agentd`` command."""
+"""``python -m agentd`` is the ``agentd`` command (with the same import-clash guard)."""
 
-from agentd.cli import main
+from agentd.integrity import main
 
 main()

@@ -12,6 +12,7 @@ import structlog
 
 from agentd.config import AgentConfig
 from agentd.daemon import Daemon, make_backend, open_store
+from agentd.integrity import check_imports
 
 log = structlog.get_logger("agentd")
 
@@ -50,7 +51,13 @@ def make_forwarder(cfg: AgentConfig, store):
 
 
 async def serve(cfg: AgentConfig, config_path: Path | None = None) -> None:
-    """Run the daemon until SIGTERM/SIGINT; SIGHUP reloads ``config_path`` and the rules."""
+    """Run the daemon until SIGTERM/SIGINT; SIGHUP reloads ``config_path`` and the rules.
+
+    Refuses to start (:class:`agentd.integrity.ImportConflictError`) when ``collectors`` or
+    ``rules`` are not gpu-agentd's own files: a daemon that caps GPUs must not run on another
+    distribution's code of the same name.
+    """
+    check_imports()
     stop = asyncio.Event()
     store = open_store(cfg)
     daemon = Daemon(cfg, make_backend(cfg), store, forwarder=make_forwarder(cfg, store), config_path=config_path)
