@@ -18,7 +18,11 @@ from agentd import __version__
 from agentd.cli_types import Seconds
 from agentd.config import AgentConfig, ConfigError, LoadedConfig, load_config_report
 from agentd.export_cli import export_command, store_group
+from agentd.plot_cli import plot_command
 from agentd.rules_cli import rules
+from agentd.site.domains_cli import domains
+from agentd.site.sim_cli import site as sim_site
+from agentd.site.controller_cli import controller
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
@@ -85,6 +89,9 @@ def check_config(path: Path | None, config_path: Path | None) -> None:
         checked = check_rules(cfg, loaded.source)
         errors += [f"{loaded.source}: {line}" for line in checked.files.warnings] + checked.errors
         notes += [f"{loaded.source}: {line}" for line in checked.files.infos]
+    from agentd.integrity import import_conflicts
+
+    errors += [f"install: {line}" for line in import_conflicts()]  # what `agentd run` would refuse
     for line in notes + errors:
         click.echo(line, err=True)
     if errors:
@@ -147,7 +154,9 @@ def run(config_path: Path | None, once: bool, fmt: str | None) -> None:
 
 
 @main.command()
-@click.option("--duration", type=Seconds(), default=30.0, show_default=True, help="how long to run (seconds, or 2m)")
+@click.option("--duration", type=Seconds(), default=None,
+              help="how long to run (seconds, or 2m; default 30 s, or with --fault until the faults' rules have "
+                   "fired + 10 s, found by a fast preview and printed)")
 @click.option("--gpus", type=click.IntRange(1, 64), default=8, show_default=True)
 @click.option("--interval", type=Seconds(0.05, 10), default=1.0, show_default=True, help="seconds between ticks")
 @click.option("--profile", type=click.Choice(["training", "inference", "idle"]), default="training",
@@ -157,9 +166,23 @@ def run(config_path: Path | None, once: bool, fmt: str | None) -> None:
               help="where the demo's store lives (default: a temporary folder, removed afterwards)")
 @click.option("--fault", "faults", multiple=True, metavar="KIND[@START][+DUR][:TARGET]",
               help="a fault of the simulated CDU, as for 'agentd sim cdu' (e.g. --fault pump_failure@20)")
-def demo(duration: float, gpus: int, interval: float, profile: str, seed: int, state_dir: Path | None,
-         faults: tuple[str, ...]) -> None:
-    """Run a simulated GPU node and CDU with the local store (no servers, no GPU) and show it live."""
+@click.option("--site", "site", is_flag=True,
+              help="a 16-node site under a power cap instead (in-process bus, simulated time at 10x): watch "
+                   "it hit its cap at the demand step and recover (default 90 s of site time)")
+def demo(duration: float | None, gpus: int, interval: float, profile: str, seed: int, state_dir: Path | None,
+         faults: tuple[str, ...], site: bool) -> None:
+    """Run a simulated GPU node and CDU with the local store (no servers, no GPU) and show it live;
+    with --site, a small simulated site and its power controller."""
+    if site:
+        from agentd.site.sim_cli import run_site_demo
+
+        if faults:
+            raise click.UsageError("--fault is for the one-node demo; --site runs its own scenario")
+        site_s = duration or 90.0
+        if site_s <= 30.0:
+            raise click.BadParameter("the site demo warms up for 30 s; give more than that", param_hint="--duration")
+        run_site_demo(nodes=16, duration_s=site_s, warmup_s=30.0, speed=10.0, seed=seed)
+        return
     from agentd.demo import run_demo
     from collectors.cdu_sim import parse_fault
 
@@ -387,5 +410,9 @@ async def _run_sim_cdu(model, mqtt_cfg, interval: float, duration: float | None,
 
 
 main.add_command(rules)
+sim.add_command(sim_site)
 main.add_command(export_command)
 main.add_command(store_group)
+main.add_command(controller)
+main.add_command(plot_command)
+main.add_command(domains)

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from collectors.durations import parse_duration_s  # noqa: F401  (agentd.config.parse_duration_s is public)
 from agentd.site.config import BudgetConfig
+from agentd.site.controller_config import ControllerConfig
 from collectors.jobs import JobsConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/agentd/agentd.toml")
@@ -318,6 +319,7 @@ class AgentConfig(_Section):
     coolant: CoolantConfig = CoolantConfig()
     rules: RulesConfig = RulesConfig()
     budget: BudgetConfig = BudgetConfig()
+    controller: ControllerConfig = ControllerConfig()
     jobs: JobsConfig = JobsConfig()
 
     @property
@@ -705,6 +707,18 @@ def preflight(cfg: AgentConfig, source: str, environ: Mapping[str, str] | None =
 
         try:
             make_tls_context(mqtt.model_copy(update=dict.fromkeys(unseen)))
+        except ConfigError as exc:
+            errors += [f"{source}: {line}" for line in exc.errors]
+    if cfg.budget.enabled:  # the domains file, the site key, the broker: as the node's start reads them
+        from agentd.site.node import make_node_site
+
+        key_file = cfg.budget.site_key_file
+        unseen_key = key_file is not None and _unseen_credential(key_file, environ)
+        if unseen_key:
+            notes.append(f"{source}: budget.site_key_file: {CREDENTIAL_NOTE} (got: {str(key_file)!r})")
+        try:
+            make_node_site(cfg.model_copy(update={"budget": cfg.budget.model_copy(
+                update={"site_key_file": None, "allow_unsigned": True})}) if unseen_key else cfg)
         except ConfigError as exc:
             errors += [f"{source}: {line}" for line in exc.errors]
     problem = _state_dir_problem(Path(cfg.state_dir))

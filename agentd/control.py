@@ -20,20 +20,23 @@ from collections.abc import Iterable, Mapping
 
 from collectors.base import GpuSample
 from collectors.coolant import LEAK_RANK
-from rules.actions import GpuLimits, Ramp, compose_with_sources
+from rules.actions import GpuLimits, NodeCap, Ramp, compose_with_sources
 from rules.engine import Engine, Evaluation, gpu_values
 from rules.expr import COOLANT_FIELDS, COOLANT_LOOPS
 from rules.model import RuleSet, default_pack_paths, load_rule_files
 
 
 def load_rules(rule_dirs: Iterable[Path | str], builtin_packs: bool = True) -> RuleSet:
-    """The shipped packs (unless disabled) plus every ``*.yaml`` in the site's rule directories.
+    """The shipped packs (unless disabled) plus every rule file (``*.yaml``, ``*.yml``) in the
+    site's rule directories, as ``agentd.rule_files`` finds them.
 
-    Raises ``rules.model.RuleLoadError`` listing every located error.
+    Raises ``rules.model.RuleLoadError`` listing every located error. The daemon's start uses
+    ``agentd.rule_files.check_rules``, which also says which directories are missing.
     """
+    from agentd.rule_files import rule_file_paths
+
     paths: list[Path] = list(default_pack_paths()) if builtin_packs else []
-    for directory in rule_dirs:
-        paths += sorted(Path(directory).glob("*.yaml"))
+    paths += rule_file_paths(rule_dirs, explicit=False).paths
     return load_rule_files(paths)
 
 
@@ -78,12 +81,21 @@ class Controller:
 
     def step(self, now: float, samples: Mapping[int, GpuSample], node_signals: Mapping[str, Any],
              stale: frozenset[str] = frozenset(),
-             baselines_w: Mapping[int, float] | None = None) -> ControlStep:
+             baselines_w: Mapping[int, float] | None = None, *,
+             node_caps: Iterable[NodeCap] = (),
+             classes_by_gpu: Mapping[int, str] | None = None,
+             floors_w: Mapping[int, float] | None = None,
+             demands_w: Mapping[int, float] | None = None) -> ControlStep:
         """Evaluate the rules on this tick's readings and return the limits to apply.
 
         ``baselines_w`` (from ``Actuator.observe``) is each GPU's uncapped limit; a GPU without
         one (its limit unreadable) gets no target. When a baseline moves (changed outside the
         daemon), the ramp restarts from it: what the GPU holds now is the operator's, not ours.
+        ``node_caps`` are node caps from outside the rules (the site budget: ``NodeCap(w,
+        "budget")``), composed with the rules' own (the lowest wins) and ramped like them. The
+        tightest node cap is split over the GPUs by job class (``classes_by_gpu``; lowest class
+        first), honouring each job's floor (``floors_w``) and giving no GPU more than it would draw
+        while others want more (``demands_w``); see ``rules.actions.compose_with_sources``.
         """
         gpus = {i: gpu_values(s) for i, s in samples.items()}
         node = dict(node_signals)
@@ -99,7 +111,12 @@ class Controller:
                 self._baselines_w[i] = baseline
                 self.applied_w[i] = baseline
             bounds[i] = GpuLimits(s.limit_min_w, s.limit_max_w, baseline)
-        targets = compose_with_sources(evaluation.ceilings, bounds, evaluation.node_caps)
+        caps = evaluation.node_caps
+        extra_caps = list(node_caps)
+        if extra_caps:
+            caps = [*caps, *extra_caps]
+        targets = compose_with_sources(evaluation.ceilings, bounds, caps, classes=classes_by_gpu,
+                                       floors_w=floors_w, demands_w=demands_w)
         limits = self.ramp.step(now, {i: t.watts for i, t in targets.items()}, self.applied_w, bounds)
         self.applied_w.update(limits)
         sources = {i: ("ramp" if limits[i] < t.watts - 1e-9 else t.source) for i, t in targets.items()}

@@ -9,6 +9,11 @@ Bad messages are counted by reason and logged with their topic, rate-limited per
 broken bridge sending 1,000 bad messages a second must not flood journald): the first of each
 reason is logged at once, then at most one line per reason every ``LOG_EVERY_S`` carrying the
 number suppressed in between.
+
+Each loop's health as this node sees it (how many of the sensors it depends on are degraded:
+stale, quality != 1, a leak detector Unavailable) is not in the readings, so ``loop_lines``
+writes it as the ``coolant_loop`` measurement at most every ``LOOP_STATUS_EVERY_S``: a board
+shows a node going blind on a loop, and why, without the node's logs.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from agentd.lineproto import encode
-from agentd.points import coolant_point
-from collectors.coolant import CoolantParser, CoolantState, Rejection
+from agentd.lineproto import Point, encode
+from agentd.points import FieldValue, coolant_point
+from collectors.coolant import CoolantParser, CoolantState, LoopView, Rejection
 
 if TYPE_CHECKING:
     from agentd.clock import Clock
@@ -29,6 +34,24 @@ if TYPE_CHECKING:
 log = structlog.get_logger("agentd.coolant")
 
 LOG_EVERY_S = 10.0
+LOOP_STATUS_EVERY_S = 1.0  # coolant_loop points: at most this often (one per loop)
+_STATUSES = ("stale", "bad_quality", "unavailable")  # collectors.coolant_state.SensorStatus, but "ok"
+
+
+def coolant_loop_point(host: str, site: str, view: LoopView, ts_ns: int) -> Point:
+    """The ``coolant_loop`` measurement: one loop as this node's rules see it. Tags ``host``,
+    ``site`` (the node's), ``loop``; fields ``degraded_sensors`` (sensors the node depends on that
+    are degraded) and its split ``stale_sensors`` / ``bad_quality_sensors`` /
+    ``unavailable_sensors``, ``series`` (site/loop/unit/point series seen) and
+    ``degraded_fields`` (the degraded fields, comma-separated and sorted; empty when none)."""
+    counts = dict.fromkeys(_STATUSES, 0)
+    degraded = view.degraded_sensors
+    for sensor in degraded:
+        counts[sensor.status] = counts.get(sensor.status, 0) + 1
+    fields: dict[str, FieldValue] = {"degraded_sensors": len(degraded)}
+    fields |= {f"{status}_sensors": counts[status] for status in _STATUSES}
+    fields |= {"series": view.series, "degraded_fields": ",".join(sorted(view.degraded_fields))}
+    return Point("coolant_loop", {"host": host, "site": site, "loop": view.loop}, fields, ts_ns)
 
 
 class CoolantIngest:
@@ -37,6 +60,9 @@ class CoolantIngest:
     def __init__(self, cfg: AgentConfig, clock: Clock, state: CoolantState | None = None) -> None:
         c = cfg.coolant
         self.clock = clock
+        self.host = cfg.node_name
+        self.site = cfg.site
+        self._loop_status_at: float | None = None
         self.parser = CoolantParser([s.to_subscription() for s in c.subscriptions], default_site=cfg.site,
                                     max_future_s=c.seconds("max_future"), max_age_s=c.seconds("max_age"))
         # A sensor silent for longer than max_age is forgotten: a reading that old would be
@@ -106,6 +132,20 @@ class CoolantIngest:
         """The encoded readings since the last call (the tick appends them to the store)."""
         lines, self._pending = self._pending, []
         return lines
+
+    def loop_lines(self, ts_ns: int) -> list[tuple[int, str]]:
+        """One ``coolant_loop`` point per loop seen, when ``LOOP_STATUS_EVERY_S`` has passed since
+        the last ones (else none); the daemon's tick stores them with its other lines."""
+        now = self.clock.monotonic()
+        if self._loop_status_at is not None and now - self._loop_status_at < LOOP_STATUS_EVERY_S:
+            return []
+        self._loop_status_at = now
+        out = []
+        for view in self.state.loops(now).values():
+            line = encode(coolant_loop_point(self.host, self.site, view, ts_ns))
+            if line is not None:
+                out.append((ts_ns, line))
+        return out
 
     def agent_fields(self) -> dict[str, int]:
         """Counters for the ``agent`` point: totals, the sensor table (size, sensors forgotten after

@@ -5,7 +5,10 @@ the readings go into the node state and, in the same tick, into the local store;
 ships the store to InfluxDB on its own task. Coolant readings arrive over MQTT on their own task
 (``agentd.mqtt``), update ``NodeState.coolant`` as they come, and wait for the next tick's store
 append, so one commit per tick holds everything; a lost broker never delays a tick. The rules
-run in the tick on what it read, and the actuator writes limits on the NVML thread. The systemd
+run in the tick on what it read, and the actuator writes limits on the NVML thread. With
+``budget.enabled`` the node's site logic (``agentd.site.node``) runs in the same tick: its
+budget composes with the rule ceilings, its power report goes out on the MQTT link and its
+``node_power`` point into the store; leases arrive on the link between ticks. The systemd
 watchdog is fed only after a tick that read the GPUs, so a wedged daemon is restarted rather
 than trusted.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,19 +26,24 @@ import structlog
 
 from agentd import sdnotify
 from agentd.clock import Clock, SystemClock
-from agentd.config import AgentConfig
+from agentd.config import AgentConfig, config_source
 from agentd.actuator import Actuator
-from agentd.control import ControlStep, Controller, coolant_signals, load_rules
+from agentd.control import ControlStep, Controller, coolant_signals
 from agentd.coolant_ingest import CoolantIngest
+from agentd.gpu_info import GpuInfoWriter
+from agentd.job_ledger import JobTracker
 from agentd.lineproto import encode
 from agentd.points import FieldValue, agent_point, gpu_point, throttle_event_point
 from agentd.log import setup_logging
 from agentd.reload import ReloadError, prepare
+from agentd.site.node import REPORT_QOS, NodeSite, NodeSiteStep, make_node_site
 from agentd.store import Store, StoreError
 from agentd.worker import SerialWorker
 from collectors.base import BackendError, GpuBackend, GpuInfo, GpuSample
 from collectors.coolant import CoolantState
+from rules.actions import NodeCap
 from rules.engine import Event
+from rules.model import RuleLoadError, RuleSet
 
 log = structlog.get_logger("agentd")
 
@@ -83,31 +92,57 @@ def make_backend(cfg: AgentConfig) -> GpuBackend:
     return NvmlBackend()
 
 
-def make_mqtt_link(cfg: AgentConfig, ingest: CoolantIngest):
-    """The MQTT link (subscribed to the coolant inputs), or None when ``mqtt.host`` is unset."""
+def make_mqtt_link(cfg: AgentConfig, ingest: CoolantIngest, site: NodeSite | None = None, clock: Clock | None = None):
+    """The MQTT link (subscribed to the coolant inputs, and to the node's leases when ``site``
+    is given), or None when ``mqtt.host`` is unset."""
     if not cfg.mqtt.host:
         if cfg.coolant.subscriptions:
             log.warning("coolant_without_mqtt", subscriptions=len(cfg.coolant.subscriptions),
                         hint="coolant.subscriptions are configured but mqtt.host is not; set mqtt.host")
         return None
-    from agentd.mqtt import MqttLink, status_topic
+    from agentd.mqtt import MqttLink, Route, status_topic
 
-    return MqttLink(cfg.mqtt, client_id=cfg.mqtt.client_id or f"agentd-{cfg.node_name}",
+    routes = []
+    if site is not None:
+        wall = (clock or SystemClock()).wall_ns
+
+        def on_leases(messages: list[tuple[str, bytes]]) -> None:
+            site.on_leases(messages, wall() / 1e9)
+
+        routes.append(Route(*site.subscription(), on_leases))
+    return MqttLink(cfg.mqtt, client_id=cfg.mqtt_client_id,
                     status_topic=status_topic(cfg.site, cfg.node_name),
                     subscriptions=[(s.topic, s.qos) for s in cfg.coolant.subscriptions],
-                    handler=ingest.handle_batch)
+                    handler=ingest.handle_batch, routes=routes)
 
 
-def make_controller(cfg: AgentConfig, *, coolant_fed: bool) -> Controller | None:
-    """The rules controller, or None when ``rules.enabled`` is false.
+def _checked_rules(cfg: AgentConfig, source: str | None) -> RuleSet:
+    """The packs and site rule files, each directory's state said once at the default level."""
+    from agentd.config import config_source
+    from agentd.rule_files import check_rules, rule_counts
+
+    checked = check_rules(cfg, source or config_source(None))
+    for line in checked.files.warnings:
+        log.warning("rule_dir_missing", detail=line, hint="fix rules.dirs; the other rules still load")
+    for line in checked.files.infos:
+        log.info("rule_dir_note", detail=line)
+    if checked.errors or checked.rule_set is None:
+        raise RuleLoadError(checked.errors)
+    log.info("rules_loaded", rules=len(checked.rule_set.rules), files=rule_counts(checked.rule_set))
+    return checked.rule_set
+
+
+def make_controller(cfg: AgentConfig, *, coolant_fed: bool, source: str | None = None) -> Controller | None:
+    """The rules controller, or None when ``rules.enabled`` is false (and no budget needs the
+    composition and ramp: with ``budget.enabled`` it runs with no rules).
 
     Coolant-scope rules need coolant inputs: on a node with none, an absent supply temperature
     would read as "unknown" for ever and fail-safe rules would cap the node for no reason, so
     those rules are left out (and that is logged).
     """
-    if not cfg.rules.enabled:
+    if not cfg.rules.enabled and not cfg.budget.enabled:
         return None
-    rule_set = load_rules(cfg.rules.dirs, cfg.rules.builtin_packs)
+    rule_set = _checked_rules(cfg, source) if cfg.rules.enabled else RuleSet()
     if not coolant_fed:
         dropped = [r.name for r in rule_set.rules if r.scope == "coolant"]
         rule_set.rules = [r for r in rule_set.rules if r.scope != "coolant"]
@@ -137,8 +172,17 @@ class Daemon:
         self.coolant = CoolantIngest(cfg, self.clock)
         self.state = NodeState(coolant=self.coolant.state)
         self.stats = TickStats()
-        self.mqtt = make_mqtt_link(cfg, self.coolant)
-        self.controller = make_controller(cfg, coolant_fed=bool(cfg.coolant.subscriptions))
+        self.site = make_node_site(cfg, self.clock)  # site power caps; None unless budget.enabled
+        self.last_site: NodeSiteStep | None = None
+        # GPU processes -> jobs -> priority classes (for the budget split) and per-job energy.
+        self.jobs = JobTracker(cfg.jobs, host=self.host, monotonic=self.clock.monotonic)
+        self.gpu_info = GpuInfoWriter(self.host)  # device thresholds and health, at start and slowly
+        self.job_classes: Mapping[int, str] | None = None  # set every tick from self.jobs
+        self._squeue = SerialWorker("squeue")  # squeue --json runs here, never on the loop
+        self._site_error: str | None = None
+        self.mqtt = make_mqtt_link(cfg, self.coolant, self.site, self.clock)
+        self.controller = make_controller(cfg, coolant_fed=bool(cfg.coolant.subscriptions),
+                                          source=config_source(config_path))
         self.actuator = Actuator(backend, Path(cfg.state_dir), dry_run=cfg.dry_run,
                                  monotonic=self.clock.monotonic, wall=lambda: self.clock.wall_ns() / 1e9)
         self.last_step: ControlStep | None = None
@@ -230,8 +274,13 @@ class Daemon:
         assert controller is not None
         node, stale = coolant_signals(self.state.coolant, now)
         baselines = self.actuator.observe(samples)
+        caps = self._site_step(samples, baselines, ts_ns, lines)
+        site = self.last_site
         try:
-            step = controller.step(now, samples, node, stale, baselines)
+            step = controller.step(now, samples, node, stale, baselines, node_caps=caps,
+                                   classes_by_gpu=site.classes_by_gpu if site else self.job_classes,
+                                   floors_w=site.floors_w if site else None,
+                                   demands_w=site.demands_w if site else None)
         except Exception as exc:  # a bug outside the rules (each rule is isolated in the engine)
             self.stats.rule_errors += 1
             log.error("rules_failed", error=repr(exc), hint="limits stay as they are this tick")
@@ -263,6 +312,46 @@ class Daemon:
                 limit_target_w=control.target_w if control else None, message=ev.message))
             if line is not None:
                 lines.append((ts_ns, line))
+
+    def _track_jobs(self, samples: list[GpuSample], ts_ns: int, lines: list[tuple[int, str]]) -> None:
+        """Which job holds each GPU (its class feeds the budget split), job_gpu/job_energy points;
+        a Slurm class refresh, when due, goes to its own thread and lands by a later tick."""
+        try:
+            step = self.jobs.step(samples, ts_ns)
+        except Exception as exc:  # attribution is advisory: the tick goes on with the last classes
+            log.error("job_tracking_failed", error=repr(exc))
+            return
+        self.job_classes = step.classes_by_gpu
+        lines.extend(step.lines)
+        if self.jobs.refresh_due():
+            self._squeue.submit(self.jobs.refresh_classes)
+
+    def _site_step(self, samples: dict[int, GpuSample], baselines: Mapping[int, float], ts_ns: int,
+                   lines: list[tuple[int, str]]) -> list[NodeCap]:
+        """The site budget for this tick (as a node cap), its report published, its point stored.
+
+        Should the site logic itself fail (a bug), the node holds its failsafe budget: a budget
+        that silently stopped applying would let the node draw past its share.
+        """
+        site = self.site
+        if site is None:
+            return []
+        try:
+            st = self.last_site = site.step(ts_ns / 1e9, samples, baselines, self.job_classes, ts_ns=ts_ns)
+        except Exception as exc:
+            if repr(exc) != self._site_error:
+                self._site_error = repr(exc)
+                log.error("site_step_failed", error=repr(exc), failsafe_w=site.tracker.failsafe_w,
+                          hint="holding the failsafe budget until the site step works again")
+            self.last_site = None
+            return [NodeCap(site.tracker.failsafe_w, "budget")]
+        self._site_error = None
+        if st.publish is not None and self.mqtt is not None:
+            self.mqtt.publish_nowait(*st.publish, qos=REPORT_QOS)
+        line = encode(st.point)
+        if line is not None:
+            lines.append((ts_ns, line))
+        return [st.node_cap]
 
     def _note_rule_health(self, step: ControlStep) -> None:
         """Count rule failures; log a rule going unhealthy (or changing error) and recovering once."""
@@ -311,6 +400,8 @@ class Daemon:
             self.state.gpus[sample.index] = sample
             if not sample.healthy:
                 self.stats.nvml_errors += 1
+        if samples is not None:
+            self._track_jobs(samples, ts_ns, lines)
         if samples and self.controller is not None:
             await self._control(started, {s.index: s for s in samples}, ts_ns, lines)
         controls = self.actuator.controls
@@ -321,7 +412,9 @@ class Daemon:
                                         control.target_w if control else None))
                 if line is not None:
                     lines.append((sample.ts_ns, line))
+        lines.extend(self.gpu_info.lines(self.state.infos, samples, started, ts_ns))
         lines.extend(self.coolant.take_lines())
+        lines.extend(self.coolant.loop_lines(ts_ns))
         agent_line = encode(agent_point(self.host, ts_ns, self._agent_fields()))
         if agent_line is not None:
             lines.append((ts_ns, agent_line))
@@ -369,6 +462,7 @@ class Daemon:
         return {
             "tick_s": round(self.stats.tick_s, 6),
             "tick_lag_s": round(self.stats.tick_lag_s, 6),
+            "ticks_missed": self.stats.ticks_missed,
             "store_backlog": self.store.backlog(),
             "store_bytes": self.store.size_bytes(),
             "dropped": self.store.dropped,
@@ -384,7 +478,19 @@ class Daemon:
             "rule_errors": self.stats.rule_errors,
             **self._mqtt_fields(),
             **self.coolant.agent_fields(),
+            **self._site_fields(),
+            **self.jobs.agent_fields(),
         }
+
+    def _site_fields(self) -> dict[str, FieldValue]:
+        if self.site is None:
+            return {}
+        t = self.site.tracker
+        fields: dict[str, FieldValue] = {
+            "budget_leases_accepted": t.accepted, "budget_leases_refused": sum(t.refused.values())}
+        if self.mqtt is not None:
+            fields |= {"budget_reports_sent": self.mqtt.published, "budget_reports_dropped": self.mqtt.publish_dropped}
+        return fields
 
     def _mqtt_fields(self) -> dict[str, bool | int]:
         if self.mqtt is None:
@@ -447,7 +553,8 @@ class Daemon:
         try:
             candidate = await asyncio.to_thread(
                 prepare, self.config_path, self.cfg,
-                lambda c: make_controller(c, coolant_fed=bool(c.coolant.subscriptions)))
+                lambda c: make_controller(c, coolant_fed=bool(c.coolant.subscriptions),
+                                          source=config_source(self.config_path)))
         except ReloadError as exc:
             for line in exc.errors:
                 log.error("reload_rejected", error=line)
@@ -463,11 +570,13 @@ class Daemon:
         if candidate.controller is not None and self.controller is not None:
             kept = candidate.controller.adopt(self.controller)
         old, self.cfg, self.controller = self.cfg, candidate.cfg, candidate.controller
+        if self.cfg.jobs != old.jobs:
+            self.jobs.reconfigure(self.cfg.jobs)
         if self.cfg.log_level != old.log_level:
             setup_logging(self.cfg.log_level)
         if self.cfg.mqtt != old.mqtt:
             await self.stop_mqtt(self._mqtt_task, self._mqtt_stop)
-            self.mqtt = make_mqtt_link(self.cfg, self.coolant)
+            self.mqtt = make_mqtt_link(self.cfg, self.coolant, self.site, self.clock)
             self._start_mqtt()
         rules = self.controller.engine.rule_set.rules if self.controller is not None else []
         log.info("reloaded", changed=candidate.changed, rules=len(rules), rule_states_kept=len(kept))
@@ -540,6 +649,7 @@ class Daemon:
             except Exception as exc:  # closing must not hide the reason we are stopping
                 log.warning("backend_close_failed", error=repr(exc))
         self._nvml.shutdown(wait=False, cancel_futures=True)
+        self._squeue.shutdown(wait=False, cancel_futures=True)
         backlog = self.store.backlog()
         self.store.close()
         log.info("stopped", ticks=self.stats.ticks, store_backlog=backlog)

@@ -8,13 +8,15 @@ broker with thousands of nodes can carry, and one place owns reconnecting. The t
   ``agentd/v1/{site}/nodes/{node}/status``;
 * subscribes to every configured filter on *every* connect (a clean session remembers nothing);
 * hands received messages, in batches (what arrived in one turn of the event loop), to a
-  handler (the coolant ingest) that must not block;
+  handler (the coolant ingest) that must not block; a ``Route`` sends the messages of its topic
+  filter to a handler of its own instead (the node's budget leases), in arrival order;
 * on any loss waits a capped, jittered backoff ("equal jitter": half fixed, half random, so a
   site's nodes spread out after a broker restart and none spins) and starts over;
 * on stop publishes ``offline`` itself (a will only fires on an unclean loss) and disconnects.
 
-Nothing here is awaited by the tick: a dead broker costs the tick nothing, and ``publish``
-returns False at once when there is no connection. Incoming messages wait in a bounded inbox
+Nothing here is awaited by the tick: a dead broker costs the tick nothing, ``publish`` returns
+False at once when there is no connection, and ``publish_nowait`` (the power report, QoS 0,
+every tick) hands the message to a task and returns at once. Incoming messages wait in a bounded inbox
 (``mqtt.queue_size``) until the next turn of the loop; beyond the bound they are dropped and
 counted (``dropped``) rather than growing memory without bound. (The handler runs on the loop,
 so a backlog beyond one turn stays in the socket and the broker, whose own per-client limits
@@ -27,7 +29,7 @@ import asyncio
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiomqtt
 import structlog
@@ -39,6 +41,16 @@ log = structlog.get_logger("agentd.mqtt")
 
 Handler = Callable[[list[tuple[str, bytes]]], None]
 FAIL_LOG_EVERY_S = 60.0
+MAX_PUBLISHES_IN_FLIGHT = 64  # publish_nowait beyond this many unconfirmed is dropped and counted
+
+
+class Route(NamedTuple):
+    """Messages whose topic matches ``topic_filter`` go to ``handler`` (not the default one);
+    the filter is subscribed with ``qos`` on every connect."""
+
+    topic_filter: str
+    qos: int
+    handler: Handler
 
 
 def status_topic(site: str, node: str) -> str:
@@ -113,7 +125,7 @@ class MqttLink:
 
     def __init__(self, cfg: MqttConfig, *, client_id: str, status_topic: str | None = None,
                  subscriptions: Sequence[tuple[str, int]] = (), handler: Handler | None = None,
-                 rng: random.Random | None = None,
+                 routes: Sequence[Route] = (), rng: random.Random | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  client_factory: Callable[..., aiomqtt.Client] = aiomqtt.Client) -> None:
         if not cfg.host:
@@ -121,7 +133,9 @@ class MqttLink:
         self.cfg = cfg
         self.client_id = client_id
         self.status_topic = status_topic
-        self.subscriptions = list(subscriptions)
+        self.routes = list(routes)
+        self.subscriptions = list(subscriptions) + [(r.topic_filter, r.qos) for r in self.routes
+                                                    if (r.topic_filter, r.qos) not in subscriptions]
         self.handler = handler
         self.rng = rng or random.Random()
         self.sleep = sleep
@@ -133,7 +147,10 @@ class MqttLink:
         self.received = 0
         self.dropped = 0
         self.handler_errors = 0
+        self.published = 0  # publish_nowait messages the broker took (QoS 0: handed to the socket)
+        self.publish_dropped = 0  # publish_nowait messages not sent: no connection, too many in flight, error
         self.last_delay_s = 0.0
+        self._in_flight: set[asyncio.Task[bool]] = set()
         self._client: aiomqtt.Client | None = None
         self._inbox: _Inbox | None = None
         self._last_fail_log = float("-inf")
@@ -245,17 +262,55 @@ class MqttLink:
 
     def _deliver(self, messages: list[aiomqtt.Message]) -> None:
         self.received += len(messages)
-        if self.handler is None:
+        if not self.routes:
+            self._hand(self.handler, [(m.topic.value, m.payload) for m in messages])
+            return
+        rest: list[tuple[str, bytes]] = []
+        routed: list[list[tuple[str, bytes]]] = [[] for _ in self.routes]
+        for m in messages:
+            for i, route in enumerate(self.routes):
+                if m.topic.matches(route.topic_filter):
+                    routed[i].append((m.topic.value, m.payload))
+                    break
+            else:
+                rest.append((m.topic.value, m.payload))
+        for route, batch in zip(self.routes, routed):
+            if batch:
+                self._hand(route.handler, batch)
+        if rest:
+            self._hand(self.handler, rest)
+
+    def _hand(self, handler: Handler | None, batch: list[tuple[str, bytes]]) -> None:
+        if handler is None:
             return
         try:
-            self.handler([(m.topic.value, m.payload) for m in messages])
+            handler(batch)
         except Exception as exc:  # a handler bug costs this batch, not the connection
             self.handler_errors += 1
-            log.error("mqtt_handler_failed", error=repr(exc), messages=len(messages))
+            log.error("mqtt_handler_failed", error=repr(exc), messages=len(batch))
 
     async def _say_offline(self) -> None:
         if self.status_topic and self.connected:
             await self.publish(self.status_topic, b"offline", qos=1, retain=True)
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
+        """Start a publish and return at once (for the tick): False, counted in
+        ``publish_dropped``, when there is no connection or ``MAX_PUBLISHES_IN_FLIGHT`` are
+        still unconfirmed (a stalled broker must not grow tasks without bound)."""
+        if self._client is None or len(self._in_flight) >= MAX_PUBLISHES_IN_FLIGHT:
+            self.publish_dropped += 1
+            return False
+        task = asyncio.ensure_future(self.publish(topic, payload, qos=qos, retain=retain))
+        self._in_flight.add(task)
+        task.add_done_callback(self._published)
+        return True
+
+    def _published(self, task: asyncio.Task[bool]) -> None:
+        self._in_flight.discard(task)
+        if not task.cancelled() and task.exception() is None and task.result():
+            self.published += 1
+        else:
+            self.publish_dropped += 1
 
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool:
         """Publish when connected; False (at once) when not, or when the broker did not confirm

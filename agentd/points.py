@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from collectors.base import GpuSample
 from collectors.coolant import Reading
 
@@ -80,3 +82,31 @@ def throttle_event_point(host: str, ts_ns: int, *, rule: str, severity: str, sta
                  {"state": state, "action": action, "value": numeric, "limit_w": limit_w,
                   "limit_target_w": limit_target_w, "message": message},
                  ts_ns)
+
+
+def node_power_point(host: str, site: str, domain: str | None, ts_ns: int, *, gpu_power_w: float,
+                     budget_w: float, demand_w: float, flexible_w: Mapping[str, float], floor_w: float,
+                     min_w: float, max_w: float, level: str, budget_source: str, lease_age_s: float | None,
+                     leases_live: int, refused: Mapping[str, int]) -> Point:
+    """The ``node_power`` measurement: the node's share of the site's power caps, every tick.
+
+    ``level`` is ``uncapped`` (the budget leaves the node what it wants), ``capped`` (the budget
+    is below it) or ``failsafe`` (no live lease: the configured failsafe budget holds).
+    ``flexible_w`` is the total the node could shed down to its floors, ``flexible_<class>_w``
+    the part of each priority class; ``demand_w`` the physical estimate of its uncapped draw.
+    ``lease_refused_<reason>`` count the leases refused since start, by reason (only reasons
+    seen). ``domain`` is the node's leaf in the domains file (absent when none is configured).
+    """
+    tags = {"host": host, "site": site}
+    if domain:
+        tags["domain"] = domain
+    fields: dict[str, FieldValue] = {
+        "gpu_power_w": gpu_power_w, "budget_w": budget_w, "demand_w": demand_w,
+        "flexible_w": round(sum(flexible_w.values()), 1), "floor_w": floor_w, "min_w": min_w, "max_w": max_w,
+        "level": level, "budget_source": budget_source, "lease_age_s": lease_age_s, "leases_live": leases_live,
+    }
+    for cls, watts in flexible_w.items():
+        fields[f"flexible_{cls}_w"] = watts
+    for reason, count in refused.items():
+        fields[f"lease_refused_{reason}"] = count
+    return Point("node_power", tags, fields, ts_ns)

@@ -24,6 +24,7 @@ from rules.model import RuleLoadError
 # reports them as needing a restart; it never half-applies them.
 RESTART_ONLY: tuple[str, ...] = (
     "backend", "state_dir", "node", "site", "dry_run", "sim", "store", "influx", "coolant", "rules.enabled",
+    "budget",  # the node's lease tracking and report were built from it (domains file, site key)
 )
 
 

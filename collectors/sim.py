@@ -7,18 +7,27 @@ so a simulation over an injected clock is as deterministic as its seed.
 
 Numbers are H100/H200-like (700 W max, 200 W min). They are a plausible plant for closed-loop
 tests, not a calibrated model of any product.
+
+A site simulation gives each GPU its own demand curve instead of a profile (``demand_fn``:
+``(gpu index, ts_ns) -> W``, e.g. ``agentd.site.workload``), and its own model of what a cap
+costs in clock speed (``speed_fn``: ``(limit_w, demand_w) -> fraction of full speed``), so the
+clocks a capped GPU reports (what a node's demand estimate reads) follow the same model that
+scores the run.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from collectors.base import BackendEvent, GpuInfo, GpuSample
 
 Profile = Literal["idle", "training", "inference"]
+DemandFn = Callable[[int, int], float]  # (gpu index, ts_ns) -> W the GPU would draw uncapped
+SpeedFn = Callable[[float, float], float]  # (limit_w, demand_w) -> share of full speed kept
 
 MAX_W = 700.0
 MIN_W = 200.0
@@ -52,9 +61,12 @@ class SimBackend:
     """A node of simulated GPUs with the GpuBackend interface (see ``collectors.base``)."""
 
     def __init__(self, gpus: int = 8, seed: int = 1, profile: Profile = "training",
-                 coolant_supply_c: float = 30.0, model: str = "Simulated H200") -> None:
+                 coolant_supply_c: float = 30.0, model: str = "Simulated H200",
+                 demand_fn: DemandFn | None = None, speed_fn: SpeedFn | None = None) -> None:
         if gpus < 1:
             raise ValueError("gpus must be at least 1")
+        self.demand_fn = demand_fn  # replaces the profile when set
+        self.speed_fn = speed_fn
         self.profile: Profile = profile
         self.coolant_supply_c = coolant_supply_c
         self._seed = seed
@@ -125,8 +137,12 @@ class SimBackend:
         self._last_ts_ns = ts_ns
         t_s = (ts_ns - self._start_ts_ns) / 1e9
         out = []
+        demand_fn = self.demand_fn
         for gpu in self._gpus:
-            demand = max(IDLE_W * 0.8, self._demand_w(gpu, t_s))
+            if demand_fn is not None:
+                demand = min(MAX_W, max(0.0, float(demand_fn(gpu.info.index, ts_ns))))
+            else:
+                demand = max(IDLE_W * 0.8, self._demand_w(gpu, t_s))
             power = min(demand, gpu.limit_w)
             gpu.energy_j += 0.5 * (gpu.power_w + power) * dt_s
             gpu.power_w = power
@@ -136,7 +152,10 @@ class SimBackend:
             clock = SM_CLOCK_MAX_MHZ
             if demand > gpu.limit_w:
                 reasons |= _REASON_SW_POWER_CAP
-                clock *= (gpu.limit_w / demand) ** 0.5
+                if self.speed_fn is not None:
+                    clock *= self.speed_fn(gpu.limit_w, demand)
+                else:
+                    clock *= (gpu.limit_w / demand) ** 0.5
             if demand < IDLE_W * 1.5:
                 reasons |= _REASON_IDLE
                 clock = 345.0
@@ -144,6 +163,7 @@ class SimBackend:
                 reasons |= _REASON_HW_SLOWDOWN | _REASON_SW_THERMAL
                 clock *= 0.6
             util = min(100.0, max(0.0, 100.0 * (demand - IDLE_W) / (MAX_W - IDLE_W)))
+            busy = self.profile != "idle" if demand_fn is None else demand >= IDLE_W * 1.5
             info = gpu.info
             out.append(GpuSample(
                 index=info.index, uuid=info.uuid, model=info.model, ts_ns=ts_ns,
@@ -153,7 +173,7 @@ class SimBackend:
                 limit_min_w=info.limit_min_w, limit_max_w=info.limit_max_w,
                 slowdown_c=info.slowdown_c, shutdown_c=info.shutdown_c, gpu_max_c=info.gpu_max_c,
                 mem_max_c=info.mem_max_c, util_pct=round(util, 1), mem_util_pct=round(util * 0.6, 1),
-                mem_used_bytes=int(80e9 if self.profile != "idle" else 1e9),
+                mem_used_bytes=int(80e9 if busy else 1e9),
                 sm_clock_mhz=round(clock, 0), clock_reasons=reasons,
             ))
         return out

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 from collections.abc import Iterable, Mapping
 
+from rules.budget import GpuDemand, split_node_budget
+
 
 class Ceiling(NamedTuple):
     """A proposed per-GPU ceiling. ``gpu=None`` applies to every GPU of the node."""
@@ -63,8 +65,8 @@ def split_node_cap(node_w: float, ceilings: Mapping[int, float]) -> float:
     held lower does not use shared among the others"): sum(min(c_i, L)) == node_w.
 
     ``ceilings`` are each GPU's target from every other source. Returns +inf when the cap does
-    not bind. Priority-aware splits (lowest-priority jobs first, idle GPUs first; DESIGN.md
-    section 4) come with the job adapter.
+    not bind. ``compose_with_sources`` now splits node caps by job class with
+    ``rules.budget.split_node_budget``, which gives this same level when every GPU is of one class.
     """
     cs = sorted(ceilings.values())
     if sum(cs) <= node_w:
@@ -82,8 +84,20 @@ def split_node_cap(node_w: float, ceilings: Mapping[int, float]) -> float:
 def compose_with_sources(ceilings: Iterable[Ceiling],
                          gpus: Mapping[int, GpuLimits | tuple[float, float, float]],
                          node_caps: Iterable[NodeCap] = (),
-                         extra: Iterable[Ceiling] = ()) -> dict[int, Target]:
-    """Per-GPU target with the proposal that binds it (see the module doc)."""
+                         extra: Iterable[Ceiling] = (), *,
+                         classes: Mapping[int, str] | None = None,
+                         floors_w: Mapping[int, float] | None = None,
+                         demands_w: Mapping[int, float] | None = None) -> dict[int, Target]:
+    """Per-GPU target with the proposal that binds it (see the module doc).
+
+    The tightest node cap (a ``cap_node`` rule, the site budget) is split across the GPUs by
+    ``rules.budget.split_node_budget``: each GPU's target from the other sources is its most,
+    ``classes`` (GPU -> ``idle``/``low``/``normal``/``high``; absent: ``normal``) decides who is
+    cut first, ``floors_w`` are the jobs' floors (absent: the device minimum; never above the
+    other sources' target: protection wins over a job's floor) and ``demands_w`` what each GPU
+    would draw (absent: its target, i.e. today's max-min fair equal split). A GPU never goes
+    below its minimum: when the cap is under the sum of minimums every GPU sits at its minimum.
+    """
     lim = {i: _limits(v) for i, v in gpus.items()}
     best: dict[int, Target] = {i: Target(v.baseline_w, "baseline") for i, v in lim.items()}
     for c in list(ceilings) + list(extra):
@@ -100,12 +114,17 @@ def compose_with_sources(ceilings: Iterable[Ceiling],
     caps = list(node_caps)
     if caps and best:
         node = min(caps, key=lambda c: c.watts)
-        level = split_node_cap(node.watts, {i: t.watts for i, t in best.items()})
-        for i, t in best.items():
-            if level < t.watts:
-                # A GPU cannot go below its minimum: when the node cap is under the sum of the
-                # minimums, every GPU sits at its minimum (exact for a node of one GPU model).
-                best[i] = Target(max(level, lim[i].min_w), f"node:{node.source}")
+        if node.watts < sum(t.watts for t in best.values()):
+            cls = classes or {}
+            fl = floors_w or {}
+            dem = demands_w or {}
+            split = split_node_budget(node.watts, [
+                GpuDemand(i, cls.get(i, "normal"), min(dem.get(i, t.watts), t.watts),
+                          min(max(fl.get(i, lim[i].min_w), lim[i].min_w), t.watts), lim[i].min_w, t.watts)
+                for i, t in best.items()])
+            for i, t in best.items():
+                if split[i] < t.watts:
+                    best[i] = Target(split[i], f"node:{node.source}")
     return best
 
 

@@ -110,3 +110,26 @@ def test_a_long_gap_between_steps_does_not_jump_the_ramp():
     ramp.step(0.0, {0: 300.0}, {0: 300.0})
     out = ramp.step(60.0, {0: 700.0}, {0: 300.0})  # a minute with no step (NVML hung)
     assert out[0] == 300.0 + 25.0 * 2.0
+
+
+def test_node_cap_split_by_job_class_lowest_first():
+    gpus = {i: GpuLimits(200, 700, 700) for i in range(4)}
+    classes = {0: "high", 1: "normal", 2: "low", 3: "idle"}
+    # 2000 W over four GPUs of 700: idle and low go to their minimum before normal loses a watt
+    out = compose_with_sources([], gpus, [NodeCap(2000, "site")], classes=classes)
+    assert {i: t.watts for i, t in out.items()} == {0: 700, 1: 700, 2: 400, 3: 200}
+    assert out[0] == (700, "baseline") and out[2] == (400, "node:site")
+    # a job's floor is honoured; a rule's ceiling below that floor still wins (protection first)
+    out = compose_with_sources([Ceiling(0, 350, "hot")], gpus, [NodeCap(1300, "site")],
+                               classes=classes, floors_w={0: 500, 1: 400})
+    assert {i: t.watts for i, t in out.items()} == {0: 350, 1: 550, 2: 200, 3: 200}
+    assert out[0].source == "hot"
+    # floors above the cap give way lowest class first: normal's 400 W floor goes, high's is kept
+    out = compose_with_sources([], gpus, [NodeCap(1150, "site")], classes=classes, floors_w={0: 500, 1: 400})
+    assert {i: t.watts for i, t in out.items()} == {0: 500, 1: 250, 2: 200, 3: 200}
+    # with demands: a GPU that draws little leaves its share to the others of its class
+    out = compose_with_sources([], gpus, [NodeCap(2000, "site")], demands_w={0: 300})
+    assert out[0].watts == 300 and all(abs(out[i].watts - 1700 / 3) < 1e-9 for i in (1, 2, 3))
+    # no classes given: every GPU "normal", the max-min fair equal split of before
+    out = compose_with_sources([], gpus, [NodeCap(2000, "x")], classes={})
+    assert {i: t.watts for i, t in out.items()} == {i: 500 for i in range(4)}

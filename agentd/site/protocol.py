@@ -135,6 +135,8 @@ def _load_json(payload: bytes) -> dict[str, Any]:
         doc = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("not_json", str(exc)[:200]) from None
+    except RecursionError:  # b"[" * 60000 is under the size bound but nests past the parser's stack
+        raise ProtocolError("not_json", "nested too deeply") from None
     if not isinstance(doc, dict):
         raise ProtocolError("wrong_type", f"expected a JSON object, got {type(doc).__name__}")
     if doc.get("v", VERSION) != VERSION:
@@ -169,7 +171,11 @@ def decode_lease(payload: bytes, key: bytes | None) -> Lease:
         sig = doc.get("sig")
         if not isinstance(sig, str) or not sig:
             raise ProtocolError("unsigned", "the lease has no sig, and this node requires signed leases")
-        if not hmac.compare_digest(sig, sign(doc, key)):
+        try:
+            expected = sign(doc, key)
+        except ValueError:  # NaN or Infinity in the document: no canonical form to verify
+            raise ProtocolError("non_finite", "the lease holds NaN or Infinity") from None
+        if not hmac.compare_digest(sig, expected):
             raise ProtocolError("bad_signature", f"from controller {str(doc.get('controller'))[:64]!r}: "
                                                  "the signature does not verify with this node's site key")
     try:
