@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from agentd import __version__
-from agentd.cli_types import Seconds
+from agentd.cli_types import Seconds, broker_address
 from agentd.config import AgentConfig, ConfigError, LoadedConfig, load_config_report
 from agentd.export_cli import export_command, store_group
 from agentd.plot_cli import plot_command
@@ -275,16 +275,6 @@ def sim() -> None:
     """Simulators that feed a daemon through a real broker (no hardware needed)."""
 
 
-def _broker(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":") if not value.endswith("]") else (value, "", "")
-    if not sep:
-        host, port = value, "1883"
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"{value!r}: expected HOST:PORT, for example 127.0.0.1:1883")
-    return host, int(port)
-
-
 @sim.command("cdu")
 @click.option("--broker", default=None, help="MQTT broker as HOST:PORT (not needed with --print-subscription)")
 @click.option("--site", default="default", show_default=True)
@@ -331,7 +321,7 @@ def sim_cdu(broker: str | None, site: str, unit: str, faults: tuple[str, ...], s
         return
     if broker is None:
         raise click.UsageError("Missing option '--broker' (HOST:PORT of the MQTT broker to publish to)")
-    host, port = _broker(broker)
+    host, port = broker_address(broker)
     if password is None and os.environ.get(OLD_SIM_PASSWORD_ENV):
         password = os.environ[OLD_SIM_PASSWORD_ENV]
         click.echo(f"agentd sim cdu: {OLD_SIM_PASSWORD_ENV} is deprecated (it looked like a daemon setting); "

@@ -37,7 +37,7 @@ from agentd.points import FieldValue, agent_point, gpu_point, throttle_event_poi
 from agentd.log import setup_logging
 from agentd.reload import ReloadError, prepare
 from agentd.site.node import REPORT_QOS, NodeSite, NodeSiteStep, make_node_site
-from agentd.store import Store, StoreError
+from agentd.store import STORE_FILE, Store, StoreError
 from agentd.worker import SerialWorker
 from collectors.base import BackendError, GpuBackend, GpuInfo, GpuSample
 from collectors.coolant import CoolantState
@@ -47,7 +47,6 @@ from rules.model import RuleLoadError, RuleSet
 
 log = structlog.get_logger("agentd")
 
-STORE_FILE = "store.sqlite"
 # Store deletes one tick may make (retention + size bound; ~2 us a row, so ~2-3 ms at most),
 # raised to twice the tick's own lines so the store converges whatever the ingest.
 BOUNDS_ROWS_PER_TICK = 1000

@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 import click
+
+from agentd.cli_types import HELP_OPTIONS, config_or_exit
+from agentd.store import STORE_FILE
 from pydantic import SecretStr, ValidationError
 
-from agentd.config import AgentConfig, ConfigError, InfluxConfig, config_source, load_config
+from agentd.config import AgentConfig, ConfigError, InfluxConfig, config_source
 from agentd.export import FORMATS, ReplayResult, TimeBoundError, export_points, parse_time_bound, replay, rfc3339_ns
 from agentd.store import SCHEMA_VERSION, PointFilter, StoreError, StoreInfo, StoreNotFound, StoreReader
 
 __all__ = ["export_command", "store_group"]
 
-STORE_FILE = "store.sqlite"  # agentd.daemon.STORE_FILE (not imported: that module wires the whole daemon)
 
 _CONFIG_OPTION = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -37,15 +39,6 @@ _CONFIG_OPTION = click.option(
 def _fail(prog: str, text: str, code: int) -> NoReturn:
     click.echo(f"{prog}: {text}", err=True)
     sys.exit(code)
-
-
-def _config(config_path: Path | None) -> AgentConfig:
-    try:
-        return load_config(config_path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            click.echo(line, err=True)
-        sys.exit(2)
 
 
 def _open(prog: str, cfg: AgentConfig, config_path: Path | None) -> StoreReader:
@@ -71,7 +64,7 @@ def _bytes(n: int) -> str:
 
 # -- agentd export --------------------------------------------------------------------------
 
-@click.command("export")
+@click.command("export", context_settings=HELP_OPTIONS)
 @_CONFIG_OPTION
 @click.option("--since", metavar="DURATION|TIME", default=None,
               help="points stamped at or after this: a duration back from now (30m, 1h, 7d) or an RFC 3339 "
@@ -112,7 +105,7 @@ def export_command(config_path: Path | None, since: str | None, until: str | Non
         raise click.UsageError("--to replays into a server: --format and --output do not apply to it")
     if db is not None and (org is not None or bucket is not None):
         raise click.UsageError("--db writes with the v1 API; --org and --bucket are for v2: give one or the other")
-    cfg = _config(config_path)
+    cfg = config_or_exit(config_path)
     now_ns = time.time_ns()
     bounds: dict[str, int | None] = {}
     for name, text in (("--since", since), ("--until", until)):
@@ -253,7 +246,7 @@ def _replay(prog: str, reader: StoreReader, flt: PointFilter, influx: InfluxConf
 
 # -- agentd store info ----------------------------------------------------------------------
 
-@click.group("store")
+@click.group("store", context_settings=HELP_OPTIONS)
 def store_group() -> None:
     """The local store (state_dir/store.sqlite), read-only."""
 
@@ -268,7 +261,7 @@ def store_info(config_path: Path | None, as_json: bool) -> None:
     2 on a config error.
     """
     prog = "agentd store info"
-    cfg = _config(config_path)
+    cfg = config_or_exit(config_path)
     reader = _open(prog, cfg, config_path)
     try:
         info = reader.info()

@@ -16,13 +16,13 @@ from typing import NoReturn
 
 import click
 
-from agentd.config import AgentConfig, ConfigError, config_source, load_config
+from agentd.cli_types import HELP_OPTIONS, config_or_exit
+from agentd.config import config_source
 from agentd.export import TimeBoundError, parse_time_bound, rfc3339_ns
-from agentd.store import StoreError, StoreNotFound, StoreReader
+from agentd.store import STORE_FILE, StoreError, StoreNotFound, StoreReader
 
 __all__ = ["plot_command"]
 
-STORE_FILE = "store.sqlite"  # agentd.daemon.STORE_FILE (not imported: that module wires the whole daemon)
 PROG = "agentd plot"
 
 
@@ -31,16 +31,7 @@ def _fail(text: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def _config(config_path: Path | None) -> AgentConfig:
-    try:
-        return load_config(config_path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            click.echo(line, err=True)
-        sys.exit(2)
-
-
-@click.command("plot")
+@click.command("plot", context_settings=HELP_OPTIONS)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="agentd.toml whose state_dir holds the store (default /etc/agentd/agentd.toml when present, "
                    "else built-in defaults; or $AGENTD_CONFIG).")
@@ -64,7 +55,7 @@ def plot_command(config_path: Path | None, since: str, until: str | None, out: P
     """
     from agentd import plot
 
-    cfg = _config(config_path)
+    cfg = config_or_exit(config_path)
     now_ns = time.time_ns()
     bounds: dict[str, int | None] = {}
     for name, text in (("--since", since), ("--until", until)):

@@ -148,6 +148,8 @@ _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 T = TypeVar("T")
 
 
+STORE_FILE = "store.sqlite"  # the store's file name in state_dir (with -wal, -shm, -reserve beside it)
+
 class StoreError(Exception):
     """The store cannot be opened or written; the message names the file and what to do."""
 

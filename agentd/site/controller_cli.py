@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
-from agentd.cli_types import Seconds
+from agentd.cli_types import HELP_OPTIONS, Seconds, broker_address
 
 ENV_HELP = "(the [mqtt] section of --config gives credentials and TLS)"
 
@@ -28,16 +28,6 @@ def _fail(lines: list[str] | str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def _broker(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":") if not value.endswith("]") else (value, "", "")
-    if not sep:
-        host, port = value, "1883"
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"{value!r}: expected HOST:PORT, for example 127.0.0.1:1883", param_hint="--broker")
-    return host, int(port)
-
-
 def _meter(value: str) -> dict[str, str]:
     domain, sep, topic = value.partition("=")
     if not sep or not domain or not topic:
@@ -46,7 +36,7 @@ def _meter(value: str) -> dict[str, str]:
     return {"domain": domain, "topic": topic}
 
 
-@click.command("controller")
+@click.command("controller", context_settings=HELP_OPTIONS)
 @click.option("--domains", "domains_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="the site's power-domain tree (YAML, the same file the nodes read)")
 @click.option("--broker", default=None, metavar="HOST:PORT", help=f"MQTT broker (default: [mqtt] host/port) {ENV_HELP}")
@@ -132,7 +122,7 @@ def controller(domains_path: Path, broker: str | None, config_path: Path | None,
 
     mqtt = cfg.mqtt
     if broker is not None:
-        host, port = _broker(broker)
+        host, port = broker_address(broker)
         mqtt = mqtt.model_copy(update={"host": host, "port": port})
     if not mqtt.host:
         _fail("agentd controller: no broker: give --broker HOST:PORT (or [mqtt] host in --config)")

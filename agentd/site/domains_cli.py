@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from agentd.cli_types import HELP_OPTIONS
+
 from rules.domains import DomainsError, Severity, load_domains
 
 
@@ -35,7 +37,7 @@ def _read_nodes(nodes: str | None, nodes_file: Path | None) -> list[str] | None:
     return out
 
 
-@click.group("domains")
+@click.group("domains", context_settings=HELP_OPTIONS)
 def domains() -> None:
     """Check the site's power-domain file."""
 

@@ -2,8 +2,7 @@
 site view of ``agentd demo --site``.
 
 The lead registers the command under the ``agentd sim`` group (``sim.add_command(site)``) and
-calls :func:`run_site_demo` for ``agentd demo --site``. This module imports ``agentd.cli`` only
-inside functions (its duration type and broker parser), so either can be imported first.
+calls :func:`run_site_demo` for ``agentd demo --site``.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ from typing import IO, Any
 
 import click
 
+from agentd.cli_types import HELP_OPTIONS, Seconds, broker_address
+
 _CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -30,8 +31,6 @@ def _seconds(min_s: float | None = None, max_s: float | None = None) -> Any:
     def convert(ctx: click.Context, param: click.Parameter, value: Any) -> float | None:
         if value is None:
             return None
-        from agentd.cli import Seconds
-
         return Seconds(min_s, max_s).convert(value, param, ctx)
 
     return convert
@@ -103,7 +102,7 @@ def _default_broker() -> str | None:
     return f"{host}:{port}" if host and port else None
 
 
-@click.command("site")
+@click.command("site", context_settings=HELP_OPTIONS)
 @click.option("--nodes", type=click.IntRange(1, 20_000), default=200, show_default=True,
               help="simulated nodes (8 GPUs each)")
 @click.option("--broker", default=None, metavar="HOST:PORT",
@@ -178,13 +177,12 @@ def site(nodes: int, broker: str | None, sim_time: bool, duration: float, warmup
         raise click.UsageError("--sim-time runs without a broker; give --broker or --sim-time, not both")
     target = None
     if not sim_time:
-        from agentd.cli import _broker
 
         chosen = broker or _default_broker()
         if chosen is None:
             raise click.UsageError("no broker: give --broker HOST:PORT (or start Mosquitto with scripts/services start "
                                    "mosquitto and eval \"$(scripts/services env)\"), or --sim-time")
-        target = _broker(chosen)
+        target = broker_address(chosen)
         try:
             MqttConfig.model_validate({"host": target[0], "port": target[1]})
         except Exception as exc:
