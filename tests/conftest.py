@@ -11,7 +11,12 @@ import re
 import uuid
 from collections.abc import Iterable, Iterator
 
+import logging
+import sys
+import threading
+
 import pytest
+import structlog
 
 from tests.services import ServiceError, Services, from_env
 
@@ -71,3 +76,17 @@ def influx1_db(services: Services, request: pytest.FixtureRequest) -> Iterator[s
         services.influx1_drop_db(name)
     except (OSError, ServiceError):
         pass  # the test may have left the server stopped; the database dies with the folder
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_as_found() -> Iterator[None]:
+    """A test that runs a command calling ``agentd.log.setup_logging`` (``demo``, ``sim site``
+    set the level to warning) must not change what later tests' ``capture_logs`` see."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    hooks = sys.excepthook, threading.excepthook
+    yield
+    structlog.configure(**saved)
+    root.handlers, root.level = handlers, level
+    sys.excepthook, threading.excepthook = hooks
