@@ -244,3 +244,35 @@ async def test_the_command_runs_against_the_broker_and_stops_cleanly_on_sigterm(
     finally:
         store.close()
     assert any(",domain=hall-a," in r for r in rows) and any("controller=ctl-cli" in r for r in rows)
+
+
+async def test_a_large_cycle_goes_out_without_waiting_and_without_aiomqtt_warnings(services, caplog):
+    """60 leases in one cycle (aiomqtt's own warning threshold is 10 pending publishes): the
+    cycle returns before the broker acknowledges them, every one arrives retained, and aiomqtt
+    does not warn about pending calls."""
+    import logging
+
+    site = f"c-{uuid.uuid4().hex[:8]}"
+    nodes = [f"n{i:02d}" for i in range(60)]
+    doc = f"site: {site}\ndomains:\n  site: {{cap_w: 1000000, nodes: [{', '.join(nodes)}]}}\n"
+    core = ControllerCore(load_domains_text(doc), site=site, controller_id="ctl-big", key=KEY,
+                          rng=random.Random(1), interval_s=0.2, lease_ttl_s=30.0, stale_after_s=30.0)
+    mqtt = MqttConfig(host=services.mqtt_host, port=services.mqtt_port, reconnect_min=0.05, reconnect_max=0.5)
+    service = ControllerService(core, mqtt, client_id=f"ctl-big-{uuid.uuid4().hex[:6]}", out=lambda s: None)
+    service._ingest([(topics.node_power(site, n), report_doc(site, n, 2000.0, 1)) for n in nodes])
+    stop = asyncio.Event()
+    link_task = asyncio.create_task(service.link.run(stop))
+    try:
+        await wait_for(lambda: service.link.connected, what="connected")
+        caplog.set_level(logging.WARNING, logger="mqtt")
+        await service.cycle_once()
+        assert service.core.stats.leases_sent == len(nodes)
+        assert service.in_flight == len(nodes)  # handed over, none awaited
+        got = await retained_leases(services, site, nodes, "ctl-big")
+        assert set(got) == set(nodes)
+        await service.cycle_once()  # the acknowledgements are taken in the next cycle
+        assert service.in_flight == 0 and service.leases_acked == len(nodes) and service.publish_failures == 0
+        assert not [r for r in caplog.records if "pending publish calls" in r.getMessage()]
+    finally:
+        stop.set()
+        await link_task

@@ -53,8 +53,8 @@ def test_a_report_round_trips():
     (json.dumps(report(), allow_nan=True).replace("4000.0", "Infinity").encode(), "non_finite"),
     (json.dumps(report(demand_w=-1.0)).encode(), "negative"),
     (json.dumps(report(extra=1)).encode(), "unknown_field"),
-    (json.dumps(report(flexible_w={"vip": 10.0})).encode(), "inconsistent"),
-    (json.dumps(report(flexible_w={"low": -5.0})).encode(), "inconsistent"),
+    (json.dumps(report(flexible_w={"vip": 10.0})).encode(), "unknown_class"),
+    (json.dumps(report(flexible_w={"low": -5.0})).encode(), "negative"),
     (json.dumps(report(floor_w=1000.0)).encode(), "inconsistent"),  # below min_w
     (json.dumps(report(flexible_w={"low": 9000.0})).encode(), "inconsistent"),  # want above max_w
 ])

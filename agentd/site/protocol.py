@@ -19,10 +19,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -49,6 +48,8 @@ class _Doc(BaseModel):
 
 
 Watts = Field(ge=0)
+ClassName = Literal["idle", "low", "normal", "high"]
+assert get_args(ClassName) == CLASSES, "ClassName must list collectors.classes.CLASSES, in order"
 
 
 class PowerReport(_Doc):
@@ -73,18 +74,15 @@ class PowerReport(_Doc):
     min_w: float = Watts
     floor_w: float = Watts
     max_w: float = Watts
-    flexible_w: dict[str, float] = Field(default_factory=dict)
+    flexible_w: dict[ClassName, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     budget_w: float | None = Field(None, ge=0, description="the budget the node enforces now")
     budget_source: Literal["lease", "failsafe", "none"] = "none"
     lease_age_s: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> PowerReport:
-        unknown = sorted(set(self.flexible_w) - set(CLASSES))
-        if unknown:
-            raise ValueError(f"flexible_w has unknown classes {unknown} (known: {', '.join(CLASSES)})")
-        if any(not math.isfinite(w) or w < 0 for w in self.flexible_w.values()):
-            raise ValueError("flexible_w values must be finite and >= 0")
+        # flexible_w's classes and values are checked by its type (in pydantic's core: this
+        # validator runs once per report per node per second at the controller)
         if not self.min_w <= self.floor_w <= self.max_w + _FLEX_TOLERANCE_W:
             raise ValueError(f"expected min_w <= floor_w <= max_w (got {self.min_w}, {self.floor_w}, {self.max_w})")
         want = self.floor_w + sum(self.flexible_w.values())
@@ -145,7 +143,8 @@ def _load_json(payload: bytes) -> dict[str, Any]:
 
 
 _REASONS = {"missing": "missing_field", "finite_number": "non_finite", "greater_than_equal": "negative",
-            "greater_than": "negative", "extra_forbidden": "unknown_field", "value_error": "inconsistent"}
+            "greater_than": "negative", "extra_forbidden": "unknown_field", "value_error": "inconsistent",
+            "literal_error": "unknown_class"}
 
 
 def _refusal(exc: ValidationError) -> ProtocolError:
