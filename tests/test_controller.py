@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from agentd.lineproto import encode
 from agentd.site import topics
-from agentd.site.controller import (REFUSALS, ControllerCore, CycleResult, controlled_tree, decode_report_fast,
+from agentd.site.controller import (REFUSALS, ControllerCore, SlackReclaim, CycleResult, controlled_tree, decode_report_fast,
                                     delegate_key, parse_meter)
 from agentd.site.controller_cli import controller as controller_command
 from agentd.site.controller_config import ControllerConfigError, load_controller_config
@@ -172,7 +172,7 @@ def _bad(name: str) -> tuple[str, bytes, str]:
     if name == "want_far_above_max":
         return t, payload(good | {"flexible_w": {"normal": 9000.0}}), "inconsistent"
     if name == "unknown_class":
-        return t, payload(good | {"flexible_w": {"urgent": 2000.0}}), "inconsistent"
+        return t, payload(good | {"flexible_w": {"urgent": 2000.0}}), "unknown_class"
     if name == "unknown_version":
         return t, payload(good | {"v": 2}), "unknown_version"
     if name == "unknown_field":
@@ -572,7 +572,7 @@ def test_domain_power_and_controller_points_carry_the_schema_and_encode():
     r = core.cycle(T0)
     p = point(r, "rack-b")
     assert set(p) == {"power_w", "demand_w", "cap_w", "limit_w", "allocated_w", "headroom_w", "shortfall_w",
-                      "meter_w", "level", "nodes", "stale_nodes"}
+                      "meter_w", "level", "nodes", "stale_nodes", "reclaimed_w"}
     assert p["power_w"] == 4000 and p["cap_w"] == 12000 and p["headroom_w"] == 8000 and p["nodes"] == 1
     lines = [encode(x) for x in r.points]
     assert all(line is not None for line in lines)
@@ -736,3 +736,120 @@ def test_a_message_that_breaks_ingest_costs_only_itself_not_its_batch():
         service._ingest([report("a1", 3000), report("a2", 3000), report("b1", 3000)])
     assert core.stats.reports_accepted == 2 and service.ingest_errors == 1
     assert [e["event"] for e in logs] == ["controller_ingest_failed"]
+
+
+# --- measured-slack feedback (SlackReclaim) ---------------------------------------------------
+
+def _slack_step(sr: SlackReclaim, k: float, power_w: float, *, binding: bool = True, capping: bool = True,
+                limit_w: float = 9500.0) -> float:
+    out = sr.step(T0 + k, ["d"] if capping else [], {"d": limit_w}, {"d": power_w}, {"d": 14500.0},
+                  ["d"] if binding else [], {"d": 9800.0})
+    return out["d"]
+
+
+def test_slack_grows_while_the_domain_draws_under_its_target_and_is_bounded_by_the_ceiling():
+    sr = SlackReclaim(gain_per_s=0.5, peak_window_s=0.0)
+    assert _slack_step(sr, 0, 6000) == 9500  # first step: no time has passed
+    assert _slack_step(sr, 1, 6000) == pytest.approx(9500 + 0.5 * 3500)
+    assert _slack_step(sr, 2, 6000) == pytest.approx(9500 + 2 * 0.5 * 3500)
+    for k in range(3, 30):
+        eff = _slack_step(sr, k, 6000)
+    assert eff == 14500  # the ceiling (target + slack_max_fraction of the cap)
+
+
+def test_slack_does_not_wind_up_when_nobody_is_cut_and_is_dropped_when_the_domain_uncaps():
+    sr = SlackReclaim(gain_per_s=0.5, peak_window_s=0.0)
+    _slack_step(sr, 0, 6000)
+    assert _slack_step(sr, 1, 6000, binding=False) == 9500  # every node got its want: nothing to grant
+    assert _slack_step(sr, 2, 6000) == pytest.approx(9500 + 1750)
+    assert _slack_step(sr, 3, 6000) == pytest.approx(9500 + 3500)
+    assert sr.step(T0 + 4, [], {"d": 10000.0}, {"d": 6000.0}, {"d": 14500.0}, ["d"]) == {"d": 10000.0}
+    assert sr.extra_w == {}  # uncapped: the correction is gone, not kept for the next time
+    assert _slack_step(sr, 5, 6000) == pytest.approx(9500 + 1750)  # capping again starts from zero
+
+
+def test_slack_shrinks_by_the_excess_when_draws_rise_and_faster_above_the_cap_threshold():
+    sr = SlackReclaim(gain_per_s=0.5, peak_window_s=0.0, over_gain=2.0)
+    _slack_step(sr, 0, 6000)
+    for k in range(1, 3):
+        eff = _slack_step(sr, k, 6000)
+    extra = eff - 9500
+    assert extra == pytest.approx(2 * 1750)
+    assert _slack_step(sr, 3, 9700) == pytest.approx(9500 + extra - 200)  # over target: give 200 W back
+    assert _slack_step(sr, 4, 9900) == pytest.approx(9500 + extra - 200 - 2 * 400)  # over threshold: 2x
+    assert _slack_step(sr, 5, 20000) == 9500  # never below the band's limit
+
+
+def test_slack_grows_only_after_the_window_holds_no_power_above_the_target():
+    sr = SlackReclaim(gain_per_s=0.5, peak_window_s=10.0)
+    _slack_step(sr, 0, 9600)  # a swing over the target
+    assert all(_slack_step(sr, k, 6000) == 9500 for k in range(1, 11))  # it is still in the window
+    assert _slack_step(sr, 11, 6000) > 9500
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"gain_per_s": -1.0}, "gain_per_s"), ({"gain_per_s": math.nan}, "gain_per_s"),
+    ({"over_gain": 0.5}, "over_gain"), ({"peak_window_s": -1.0}, "peak_window_s"),
+    ({"max_step_s": 0.0}, "max_step_s")])
+def test_bad_slack_settings_say_which(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SlackReclaim(**kw)
+    with pytest.raises(ValueError, match="slack_max_fraction"):
+        core_for(ONE_DOMAIN, slack_max_fraction=-0.1)
+
+
+def _closed_loop(core: ControllerCore, real_w: dict[str, float], cycles: int, demand_w: dict[str, float],
+                 max_w: float = 9000.0, start: int = 0, held: dict[str, float] | None = None,
+                 ) -> list[tuple[float, float]]:
+    """Nodes that report ``demand_w`` but draw min(budget, real_w): (measured W, sum of budgets W)
+    per cycle. The report of cycle k carries what the budgets of cycle k-1 let each node draw;
+    ``held`` (updated in place) is what they hold, uncapped at first by default."""
+    if held is None:
+        held = dict(real_w)  # the first report (11.5 kW > 9.8 kW) starts the capping
+    out = []
+    for k in range(start, start + cycles):
+        drawn = {n: min(held[n], real_w[n]) for n in real_w}
+        feed(core, [report(n, demand_w[n], max_w=max_w, power_w=drawn[n], seq=k + 1) for n in real_w], T0 + k)
+        r = core.cycle(T0 + k)
+        held.update(r.budgets_w)
+        out.append((sum(drawn.values()), sum(held.values())))
+    return out
+
+
+# n1 draws what it reports (9 kW wanted); n2 reports 5 kW (a peak-held estimate) but draws 2.5 kW
+LOOP_REAL = {"n1": 9000.0, "n2": 2500.0}
+LOOP_DEMAND = {"n1": 9000.0, "n2": 5000.0}
+
+
+def test_watts_granted_but_not_drawn_are_granted_again_and_the_measured_power_settles_at_the_target():
+    core = core_for(ONE_DOMAIN, release_w_per_s=1e6)
+    run = _closed_loop(core, LOOP_REAL, 60, LOOP_DEMAND)
+    measured = [m for m, _ in run[1:]]
+    assert all(m <= 9800 for m in measured)  # never above the cap threshold (0.98 x 10 kW)
+    assert measured[-1] == pytest.approx(9500, abs=50)  # target x cap, measured
+    assert run[-1][1] == pytest.approx(9500 + 2500, abs=50)  # above the band's limit: n2's unused watts went to n1
+    last = core.cycle(T0 + 60)
+    assert point(last, "site")["reclaimed_w"] == pytest.approx(last.root_limit_w - 9500)
+
+
+def test_without_the_correction_the_allocated_watts_are_not_drawn():
+    core = core_for(ONE_DOMAIN, release_w_per_s=1e6, slack_gain_per_s=0.0)
+    run = _closed_loop(core, LOOP_REAL, 60, LOOP_DEMAND)
+    assert run[-1][1] == pytest.approx(9500, abs=1)  # budgets sum to target x cap ...
+    assert run[-1][0] == pytest.approx(4750 + 2500, abs=1)  # ... and the site draws 7.25 kW of them
+
+
+def test_when_draws_rise_to_the_budgets_the_effective_limit_shrinks_back():
+    core = core_for(ONE_DOMAIN, release_w_per_s=1e6)
+    held: dict[str, float] = {}
+    held.update(LOOP_REAL)
+    run = _closed_loop(core, LOOP_REAL, 40, LOOP_DEMAND, held=held)
+    reclaimed = run[-1][1] - 9500
+    assert reclaimed > 2000
+    # n2's job starts: it draws all it reported (a demand step onto the reclaimed watts)
+    run2 = _closed_loop(core, {"n1": 9000.0, "n2": 5000.0}, 20, LOOP_DEMAND, start=40, held=held)
+    measured = [m for m, _ in run2]
+    # the excursion is bounded by the reclaimed watts and lasts one cycle (the report, then the cut)
+    assert measured[0] <= 9500 + reclaimed + 1 and all(m <= 9800 for m in measured[1:])
+    assert measured[-1] <= 9500 + 1 and run2[-1][1] == pytest.approx(9500, abs=1)  # back to target x cap
+    assert core.slack.extra_w == {}

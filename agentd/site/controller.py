@@ -24,7 +24,8 @@ All work is in ``cycle(now)``, once per interval:
 1. every known reporter whose last report is older than ``stale_after_s`` is *stale*: counted at
    its last known ``max_w`` and never cut (a silent node cannot make room for others);
 2. ``rules.budget.BandTracker`` steps each domain's three bands on the summed reports (or the
-   facility meter, when it reads higher): the limit to allocate within;
+   facility meter, when it reads higher): the limit to allocate within; ``SlackReclaim`` adds
+   to a capping domain's limit the watts granted but not drawn (feedback on measured power);
 3. subtree mode: the subtree root's limit is also at most the parent's lease (the minimum of
    the live ones, ``agentd.site.lease.LeaseTracker``) or, with none live, ``failsafe_w``;
 4. ``rules.budget.allocate`` (priority-aware water-filling; every domain's limit holds at
@@ -46,8 +47,10 @@ import json
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import structlog
 
@@ -141,6 +144,7 @@ class DomainSummary:
     meter_w: float | None
     nodes: int
     stale_nodes: int
+    reclaimed_w: float = 0.0  # the measured-slack correction in limit_w (SlackReclaim), 0 when none
 
     @property
     def over_cap(self) -> bool:
@@ -208,7 +212,7 @@ class _Latest:
     def node_report(self, key: str) -> NodeReport:
         if self.report is None:
             r = self.raw
-            flex = r.flexible_w
+            flex = cast("Mapping[str, float]", r.flexible_w)  # keys are the protocol's class names
             # The protocol lets floor + flexible exceed max_w by its 1 W tolerance; the allocator
             # does not: such a node's maximum is taken as its want (at most 1 W more).
             want = r.floor_w + sum(flex.values())
@@ -231,6 +235,121 @@ class _Sent:
     issued_at: float
 
 
+# --- measured-slack feedback (reclaiming granted watts that are not drawn) --------------------
+
+@dataclass(slots=True)
+class SlackReclaim:
+    """Per-domain integrator that lets a capping domain grant again the watts its nodes are
+    granted but do not draw, so that the *measured* power, not the sum of power limits, settles
+    at the band's target (Dynamo-style feedback on measured power).
+
+    Why: a budget is a sum of power *limits* built from demand estimates that err high (GPU
+    minimum limits reserved for idle GPUs drawing less, a peak-hold demand window, the capped
+    GPU estimate), so a domain allocated within ``target x cap`` draws far less than that while
+    every low and normal GPU is capped (docs/site-sim.md). While domain ``d`` is capping, its
+    effective limit is ``limit_w + extra_w[d]``, clamped to ``[limit_w, ceiling_w]``, with
+    ``extra_w`` stepped once per cycle on the measured power ``P`` (the summed reports, a stale
+    node at its maximum) and ``P_peak``, the highest ``P`` of the last ``peak_window_s``:
+
+    * ``P > threshold_w`` (``cap_threshold x cap``): ``extra -= over_gain x (P - limit)``;
+    * ``P > limit_w`` (over the target): ``extra -= P - limit`` (the excess, in one cycle);
+    * ``P_peak < limit_w`` and the last allocation cut someone in ``d`` (*binding*):
+      ``extra += gain_per_s x dt x (limit - P_peak)``;
+    * otherwise it holds. Not capping: dropped.
+
+    So it grows only after a whole window under the target (a training job's swing, an
+    inference burst seen in the window hold it back), never while nobody needs the watts (no
+    wind-up), and gives back at once what is drawn beyond the target. At rest the window's peak
+    sits at ``target x cap``, under the cap threshold. ``limit_w`` is the band's (target x cap,
+    a meter's overhead off); the controller passes ``ceiling_w = (target + slack_max_fraction)
+    x cap`` and ``threshold_w`` less the same overhead. The extra watts go out in
+    ``allocate``'s own order (cuts undone highest class first).
+
+    The price (documented in docs/site-controller.md): the budgets then sum above the band's
+    limit, by at most ``slack_max_fraction x cap``. Nodes whose draw jumps onto watts they were
+    granted but were not drawing (a job starting on them) can take the domain above its cap
+    until the next cycle's cut lands (one report and one lease: about two ticks), by at most the
+    reclaimed watts. Pure: values and ``now`` in, limits out; no I/O."""
+
+    gain_per_s: float = 0.5
+    over_gain: float = 2.0  # above the cap threshold: give back this many times the excess over the target
+    max_step_s: float = 3.0  # the most time one step may integrate (a stalled controller)
+    peak_window_s: float = 30.0  # the error is taken against the highest power measured this long
+    extra_w: dict[str, float] = field(default_factory=dict)
+    _peaks: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
+    _last_now: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.gain_per_s) and self.gain_per_s >= 0):
+            raise ValueError(f"slack gain_per_s must be a finite number >= 0 (0 turns the feedback off; "
+                             f"got: {self.gain_per_s!r})")
+        if not (math.isfinite(self.over_gain) and self.over_gain >= 1):
+            raise ValueError(f"slack over_gain must be >= 1 (got: {self.over_gain!r})")
+        if not (math.isfinite(self.peak_window_s) and self.peak_window_s >= 0):
+            raise ValueError(f"slack peak_window_s must be >= 0 (got: {self.peak_window_s!r})")
+        if not (math.isfinite(self.max_step_s) and self.max_step_s > 0):
+            raise ValueError(f"slack max_step_s must be > 0 (got: {self.max_step_s!r})")
+
+    def step(self, now: float, capping: Collection[str], limits_w: Mapping[str, float],
+             power_w: Mapping[str, float], ceilings_w: Mapping[str, float],
+             binding: Collection[str], threshold_w: Mapping[str, float] | None = None) -> dict[str, float]:
+        """The effective limits: ``limits_w`` with each capping domain's correction added.
+
+        ``capping``: the domains whose band caps now; ``ceilings_w``: per domain, the most its
+        effective limit may be; ``binding``: the domains whose previous allocation cut a node
+        (only those may grow their correction). A domain not capping keeps its limit and loses
+        its correction."""
+        dt = 0.0 if self._last_now is None else min(max(0.0, now - self._last_now), self.max_step_s)
+        self._last_now = now
+        out = dict(limits_w)
+        threshold_w = threshold_w or {}
+        extra = self.extra_w
+        for d in list(extra):
+            if d not in capping:
+                del extra[d]
+        peaks = self._peaks
+        for d in list(peaks):
+            if d not in capping:
+                del peaks[d]
+        if self.gain_per_s == 0:
+            extra.clear()
+            return out
+        for d in capping:
+            limit = limits_w.get(d)
+            if limit is None:
+                continue
+            room = max(0.0, ceilings_w.get(d, limit) - limit)
+            x = extra.get(d, 0.0)
+            power = power_w.get(d, 0.0)
+            peak = self._peak(d, now, power)
+            if power > threshold_w.get(d, math.inf):  # above the cap threshold: give back faster
+                x += self.over_gain * (limit - power)
+            elif power > limit:  # over the target: give the excess back at once (one cycle)
+                x += limit - power
+            elif peak < limit and d in binding:  # under it all window long: grow, only while it cuts
+                x += self.gain_per_s * dt * (limit - peak)
+            x = min(max(x, 0.0), room)
+            if x > 0:
+                extra[d] = x
+                out[d] = limit + x
+            else:
+                extra.pop(d, None)
+        return out
+
+    def _peak(self, d: str, now: float, power_w: float) -> float:
+        """The highest power measured in ``d`` within ``peak_window_s`` (a monotonic deque)."""
+        q = self._peaks.get(d)
+        if q is None:
+            q = self._peaks[d] = deque()
+        while q and q[-1][1] <= power_w:
+            q.pop()
+        q.append((now, power_w))
+        horizon = now - self.peak_window_s
+        while q[0][0] < horizon:
+            q.popleft()
+        return q[0][1]
+
+
 # --- the core ---------------------------------------------------------------------------------
 
 class ControllerCore:
@@ -242,9 +361,13 @@ class ControllerCore:
                  failsafe_w: float | None = None, unseen_node_w: float | None = None,
                  meters: Mapping[str, tuple[str, float]] | None = None,
                  release_w_per_s: float = 200.0, release_jitter: float = 0.2, release_hold_s: float = 5.0,
-                 band_hold_s: float = 5.0, max_clock_skew_s: float = 2.0, max_lease_ttl_s: float = 60.0,
+                 band_hold_s: float = 5.0, slack_gain_per_s: float = 0.5,
+                 slack_max_fraction: float = 0.3, max_clock_skew_s: float = 2.0, max_lease_ttl_s: float = 60.0,
                  rng: random.Random | None = None, timer: Callable[[], float] = time.perf_counter) -> None:
-        """``meters``: topic -> (domain, stale_after_s). ``timer`` only measures the cycle's cost."""
+        """``meters``: topic -> (domain, stale_after_s). ``timer`` only measures the cycle's cost.
+        ``slack_gain_per_s``: the measured-slack feedback's gain (``SlackReclaim``; 0 turns it off);
+        ``slack_max_fraction``: the most it may add to a capping domain's limit, as a fraction of
+        its cap (the worst excursion over the cap it can allow for about two ticks)."""
         if not key:
             raise ValueError("the site key is empty: leases must be signed (see --site-key-file)")
         if not lease_ttl_s > interval_s > 0:
@@ -266,6 +389,16 @@ class ControllerCore:
         self.timer = timer
         self.stats = ControllerStats()
         self.bands = BandTracker(self.tree, min_hold_s=band_hold_s)
+        self.slack = SlackReclaim(gain_per_s=slack_gain_per_s, max_step_s=max(3 * interval_s, 1.0))
+        if not (math.isfinite(slack_max_fraction) and slack_max_fraction >= 0):
+            raise ValueError("slack_max_fraction must be a finite fraction of the cap >= 0 "
+                             f"(got: {slack_max_fraction!r})")
+        # per domain: the most its effective limit may be (target + slack_max_fraction of the cap)
+        # and the measured power above which its correction is dropped at once (cap_threshold x cap)
+        self._ceilings_w = {d: (self.tree.bands(d).target + slack_max_fraction) * self.tree.cap_w(d)
+                            for d in self.tree}
+        self._thresholds_w = {d: self.tree.bands(d).cap_threshold * self.tree.cap_w(d) for d in self.tree}
+        self._binding: frozenset[str] = frozenset()  # domains whose last allocation cut a node
         self.release = ReleaseLimiter(rise_w_per_s=release_w_per_s, jitter=release_jitter, hold_s=release_hold_s,
                                       max_step_s=max(3 * interval_s, 1.0), rng=rng or random.Random())
         self._latest: dict[str, _Latest] = {}
@@ -486,16 +619,29 @@ class ControllerCore:
                     power[d] += w
                     demand[d] += w
         step = self.bands.step(now, power, demand, meters)
-        limits = dict(step.limits_w)
+        # measured-slack feedback: a capping domain that draws less than its target grants the
+        # difference again (SlackReclaim), on the same basis as the band's limit (meter overhead off)
+        ceilings, thresholds = self._ceilings_w, self._thresholds_w
+        if meters:
+            ceilings, thresholds = dict(ceilings), dict(thresholds)
+            for d, m in meters.items():
+                overhead = max(0.0, m - power.get(d, 0.0))
+                ceilings[d] -= overhead
+                thresholds[d] -= overhead
+        capping = [d for d, lv in step.levels.items() if lv is Level.CAPPING]
+        limits = self.slack.step(now, capping, step.limits_w, power, ceilings, self._binding, thresholds)
         budget_source = "cap"
         if self.parent_leases is not None:
             held = self.parent_leases.budget(now)
             budget_source = held.source
-            limits[self.root] = min(limits[self.root], held.budget_w)
+            if held.budget_w < limits[self.root]:
+                self.slack.extra_w.pop(self.root, None)  # the parent's lease binds, not our band: no wind-up
+                limits[self.root] = held.budget_w
             self._parent_budget = held
 
         alloc = allocate(tree, reports, limits_w=limits, absent_w=absent or None,
                          default_absent_w=self.unseen_node_w)
+        self._binding = frozenset(d for d, a in alloc.domains.items() if a.binding and a.allocated_w > 0)
         # nodes rise at the paced rate; a delegated child's budget is passed on at once (its own
         # controller paces its nodes, and a hall cannot rise at one node's rate)
         issued = self.release.step(now, {k: w for k, w in alloc.budgets_w.items()
@@ -522,7 +668,7 @@ class ControllerCore:
             leases += 1
         self.stats.leases_sent += leases
 
-        summaries = self._summaries(alloc, step.levels, meters, stale_keys, absent)
+        summaries = self._summaries(alloc, step.levels, meters, stale_keys, absent, self.slack.extra_w)
         self._log_shortfalls(summaries, now)
         ts_ns = int(now * 1e9)
         points = [domain_power_point(self.site, self.controller_id, s, ts_ns) for s in summaries.values()]
@@ -560,7 +706,8 @@ class ControllerCore:
         return Publish(topic, encode_lease(lease, self.key), 1, True)
 
     def _summaries(self, alloc: Allocation, levels: Mapping[str, Level], meters: Mapping[str, float],
-                   stale_keys: Iterable[str], absent: Mapping[str, float]) -> dict[str, DomainSummary]:
+                   stale_keys: Iterable[str], absent: Mapping[str, float],
+                   reclaimed: Mapping[str, float]) -> dict[str, DomainSummary]:
         tree = self.tree
         stale_in: dict[str, int] = {}
         for key in (*stale_keys, *alloc.absent):
@@ -576,7 +723,8 @@ class ControllerCore:
             out[d] = DomainSummary(domain=d, level=levels.get(d, Level.UNCAPPED), power_w=a.power_w,
                                    demand_w=a.demand_w, cap_w=a.cap_w, limit_w=a.limit_w,
                                    allocated_w=a.allocated_w, shortfall_w=a.shortfall_w, meter_w=meters.get(d),
-                                   nodes=a.nodes, stale_nodes=stale_in.get(d, 0))
+                                   nodes=a.nodes, stale_nodes=stale_in.get(d, 0),
+                                   reclaimed_w=reclaimed.get(d, 0.0))
         return out
 
     def _log_shortfalls(self, summaries: Mapping[str, DomainSummary], now: float) -> None:
@@ -623,7 +771,7 @@ class ControllerCore:
         self._report_seq += 1
         report = PowerReport(kind="domain", site=self.site, node=self.root, ts=now, seq=self._report_seq,
                              gpus=min(gpus, 4096), gpu_power_w=root.power_w, demand_w=demand_w, min_w=min_w,
-                             floor_w=floor_w, max_w=max_w, flexible_w=flex, budget_w=limit_w,
+                             floor_w=floor_w, max_w=max_w, flexible_w=cast(Any, flex), budget_w=limit_w,
                              budget_source="lease" if budget_source == "lease" else "failsafe",
                              lease_age_s=held.lease_age_s if held is not None else None)
         return Publish(topics.domain_power(self.site, self.root), encode_report(report), 0, False)
@@ -733,6 +881,7 @@ def domain_power_point(site: str, controller: str, s: DomainSummary, ts_ns: int)
         "demand_w": s.demand_w,
         "cap_w": s.cap_w,
         "limit_w": s.limit_w,
+        "reclaimed_w": s.reclaimed_w,
         "allocated_w": s.allocated_w,
         "headroom_w": s.cap_w - measured,
         "shortfall_w": s.shortfall_w,

@@ -175,6 +175,7 @@ def build_core(domains: Any, settings: Any, site: str, key: bytes, rng: random.R
         failsafe_w=settings.failsafe_w, unseen_node_w=settings.unseen_node_w,
         meters={m.topic: (m.domain, m.stale_after_s) for m in settings.meters},
         release_w_per_s=settings.release_w_per_s, release_jitter=settings.release_jitter,
+        slack_gain_per_s=settings.slack_gain_per_s, slack_max_fraction=settings.slack_max_fraction,
         release_hold_s=settings.release_hold_s, band_hold_s=settings.band_hold_s,
         max_clock_skew_s=settings.max_clock_skew_s, max_lease_ttl_s=settings.max_lease_ttl_s, rng=rng)
 

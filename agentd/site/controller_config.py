@@ -100,6 +100,10 @@ class ControllerConfig(BaseModel):
     release_w_per_s: float = Field(200.0, gt=0, allow_inf_nan=False,
                                    description="a node's budget rises at most this fast (W/s, jittered)")
     release_jitter: float = Field(0.2, ge=0, lt=1, description="+/- fraction of release_w_per_s, per node")
+    slack_gain_per_s: float = Field(0.5, ge=0, description="measured-slack feedback: how fast a capping domain "
+                                    "grants again the watts its nodes were granted but do not draw (per s; 0: off)")
+    slack_max_fraction: float = Field(0.3, ge=0, description="measured-slack feedback: the most a capping domain's "
+                                      "limit may rise above target x cap, as a fraction of the cap")
     release_hold: str | float = Field("5s", description="no rise within this long of a node's last cut")
     band_hold: str | float = Field("5s", description="a domain stays capping at least this long")
     max_clock_skew: str | float = Field("2s", description="subtree mode: a parent lease issued further "

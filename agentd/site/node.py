@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
@@ -39,7 +39,7 @@ from agentd.points import node_power_point
 from agentd.site import topics
 from agentd.site.demand import DemandEstimator, DemandWindow
 from agentd.site.lease import Decision, LeaseTracker, NodeBudget, RateLimitedLog
-from agentd.site.protocol import PowerReport, encode_report
+from agentd.site.protocol import ClassName, PowerReport, encode_report
 from collectors.base import GpuSample
 from rules.actions import NodeCap
 from rules.budget import CLASSES
@@ -239,11 +239,11 @@ class NodeSite:
             level = "capped"
         else:
             level = "uncapped"
-        flexible = {c: round(w, 1) for c, w in flex.items()}
+        flexible: dict[ClassName, float] = {cast(ClassName, c): round(w, 1) for c, w in flex.items()}
         floor_r = round(floor_w, 1)
-        # protocol.PowerReport holds floor_w + sum(flexible_w) == demand_w, so the report's demand is
-        # the node's want (idle GPUs counted at their floor, never under their minimum limit): higher
-        # than the physical estimate, which errs safe; the point carries the physical one.
+        # The report's demand is the node's want (idle GPUs counted at their floor, never under
+        # their minimum limit): higher than the physical estimate, which errs safe (the controller
+        # releases a domain's cap on it); the node_power point carries the physical one.
         report = PowerReport(
             site=self.site, node=self.node, ts=now, seq=self.seq, gpus=n,
             gpu_power_w=round(power_w, 1), demand_w=round(floor_r + sum(flexible.values()), 1),
@@ -255,7 +255,7 @@ class NodeSite:
         point = node_power_point(
             self.node, self.site, self.domain, round(now * 1e9) if ts_ns is None else ts_ns,
             gpu_power_w=report.gpu_power_w, budget_w=round(budget.budget_w, 1), demand_w=round(demand_w, 1),
-            flexible_w=flexible, floor_w=report.floor_w, min_w=report.min_w, max_w=report.max_w,
+            flexible_w=cast("Mapping[str, float]", flexible), floor_w=report.floor_w, min_w=report.min_w, max_w=report.max_w,
             level=level, budget_source=budget.source, lease_age_s=report.lease_age_s,
             leases_live=len(budget.controllers), refused=self.tracker.refused)
         cap_w = max(0.0, budget.budget_w - uncontrolled_w)
