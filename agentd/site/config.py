@@ -14,12 +14,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from agentd.site.protocol import CLASSES
+from collectors.durations import parse_duration_s
 
 
 def _seconds(value: str | float) -> float:
-    # agentd.config imports this module, so its parser is imported when first needed.
-    from agentd.config import parse_duration_s
-
     return parse_duration_s(value)
 
 

@@ -16,14 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agentd.site import topics
-
-
-def parse_duration_s(value: str | float) -> float:
-    # agentd.config may import this module (a [controller] table), so its parser is imported
-    # when first needed, as agentd.site.config does.
-    from agentd.config import parse_duration_s as parse
-
-    return parse(value)
+from collectors.durations import parse_duration_s
 
 
 class ControllerConfigError(ValueError):
