@@ -43,13 +43,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple, cast
 
+from collectors.classes import CLASSES  # the one list of priority classes, lowest first
 from rules.domains import Bands, Domain, Domains, DomainsError
 
-CLASSES: tuple[str, ...] = ("idle", "low", "normal", "high")
+__all__ = ["CLASSES", "TIERS", "Allocation", "BandTracker", "BandState", "BandStep", "BandsStep", "DomainAllocation",
+           "DomainBands", "DomainTotals", "GpuDemand", "Level", "NodeBudget", "NodeReport", "ReleaseLimiter",
+           "allocate", "domain_totals", "node_report", "split_node_budget"]
 #: The order in which ``allocate`` cuts: headroom above want, each class lowest first, then floors.
 TIERS: tuple[str, ...] = ("headroom", *CLASSES, "floor")
 _RANK = {c: i for i, c in enumerate(CLASSES)}
-_EPS_W = 1e-9
 _ZERO_TIERS = (0.0,) * len(TIERS)
 #: the layout of NodeReport._row: column name -> index
 _ROW = {name: k for k, name in enumerate(("base", "total", *TIERS, "power", "demand"))}
@@ -92,6 +94,8 @@ class NodeReport:
 
     def __post_init__(self) -> None:
         who = f"node report {self.node!r}"
+        if not isinstance(self.node, str) or not self.node:
+            raise ValueError(f"{who}: node must be a non-empty name")
         for name in ("power_w", "demand_w", "min_w", "floor_w", "max_w"):
             _finite_nonneg(getattr(self, name), f"{who}: {name}")
         if not self.min_w <= self.floor_w <= self.max_w + _tol(self.max_w):
@@ -298,12 +302,11 @@ class Allocation:
     skipped: Mapping[str, str]
     absent: tuple[str, ...]
     unaccounted: tuple[str, ...]
-    _names: Sequence[str] = field(repr=False)
+    _reports: Sequence[NodeReport] = field(repr=False)  # in column order (absent ones included)
     _leaves: Sequence[str] = field(repr=False)
     _start: Sequence[int] = field(repr=False)
     _base: Sequence[float] = field(repr=False)
     _tiers: Sequence[Sequence[float]] = field(repr=False)
-    _stale: frozenset[str] = field(repr=False)
     _index: dict[str, int] = field(repr=False, default_factory=dict)
 
     @property
@@ -314,14 +317,14 @@ class Allocation:
     def node(self, name: str) -> NodeBudget:
         """The detail of one node's budget (built on demand: the hot path needs only budgets_w)."""
         if not self._index:
-            self._index.update((n, i) for i, n in enumerate(self._names))
+            self._index.update((r.node, i) for i, r in enumerate(self._reports))
         i = self._index[name]
         t = [tier[i] for tier in self._tiers]
         leaf = self._leaves[bisect_right(self._start, i) - 1]
         return NodeBudget(node=name, leaf=leaf, budget_w=self.budgets_w[name],
                           min_w=self._base[i], floor_kept_w=t[-1],
                           kept_w=dict(zip(CLASSES, t[1:-1])), headroom_w=t[0],
-                          stale=name in self._stale, absent=name in self.absent)
+                          stale=self._reports[i].stale and name not in self.absent, absent=name in self.absent)
 
 
 def _level(values: Sequence[float], cut: float) -> float:
@@ -353,10 +356,33 @@ def _cut(tiers: list[list[float]], lo: int, hi: int, excess: float, d: str, cut_
             if excess <= 0:
                 return 0.0
             continue
+        n = hi - lo
+        level = (have - excess) / n
+        if min(seg) >= level:  # an even cut leaves everyone at the level: no sort needed
+            t[lo:hi] = [level] * n
+            return 0.0
         level = _level(seg, excess)
         t[lo:hi] = [v if v < level else level for v in seg]
         return 0.0
     return excess
+
+
+def _check_limits(domains: Domains, limits_w: Mapping[str, float]) -> dict[str, float]:
+    """``limits_w`` as floats, or ValueError naming the first bad entry."""
+    try:
+        limits = {d: float(w) for d, w in limits_w.items() if d in domains and (type(w) is float or type(w) is int)}
+        ok = len(limits) == len(limits_w) and all(0 <= w < math.inf for w in limits.values())
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:  # find the culprit (or accept float subclasses the fast path passed over)
+        limits = {}
+        for d, w in limits_w.items():
+            if d not in domains:
+                raise ValueError(f"allocate: limits_w names unknown domain {d!r} (not in {domains.source})")
+            if not (isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"allocate: limits_w[{d!r}] must be a finite number of watts >= 0 (got: {w!r})")
+            limits[d] = float(w)
+    return limits
 
 
 def allocate(domains: Domains, reports: Iterable[NodeReport] | Mapping[str, NodeReport], *,
@@ -376,13 +402,7 @@ def allocate(domains: Domains, reports: Iterable[NodeReport] | Mapping[str, Node
     root = domains.root if root is None else root
     if root not in domains:
         raise ValueError(f"allocate: unknown root domain {root!r} in {domains.source}")
-    limits = dict(limits_w) if limits_w else {}
-    for d, w in list(limits.items()):
-        if d not in domains:
-            raise ValueError(f"allocate: limits_w names unknown domain {d!r} (not in {domains.source})")
-        if not (isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0):
-            raise ValueError(f"allocate: limits_w[{d!r}] must be a finite number of watts >= 0 (got: {w!r})")
-        limits[d] = float(w)
+    limits = _check_limits(domains, limits_w) if limits_w else {}
     if default_absent_w is not None:
         _finite_nonneg(default_absent_w, "allocate: default_absent_w")
     for n, w in (absent_w or {}).items():
@@ -488,8 +508,7 @@ def allocate(domains: Domains, reports: Iterable[NodeReport] | Mapping[str, Node
         for dom, (lo, hi), lim in zip(plan, spans, lim_of)}
     return Allocation(root=root, budgets_w=budgets_w, domains={d: out[d] for d in domains.subtree(root)},
                       skipped=skipped, absent=tuple(r.node for _, r in absent), unaccounted=tuple(unaccounted),
-                      _names=names, _leaves=domains.leaves[li:lj], _start=start, _base=base, _tiers=tiers,
-                      _stale=frozenset(r.node for r in ordered if r.stale) - {r.node for _, r in absent})
+                      _reports=ordered, _leaves=domains.leaves[li:lj], _start=start, _base=base, _tiers=tiers)
 
 
 def _column(flat: memoryview[float], name: str) -> list[float]:
@@ -651,7 +670,12 @@ class BandTracker:
 
     def step(self, now: float, power_w: Mapping[str, float], demand_w: Mapping[str, float],
              meter_w: Mapping[str, float] | None = None) -> BandsStep:
-        """Step every domain; a domain missing from ``power_w``/``demand_w`` counts as 0 W."""
+        """Step every domain; a domain missing from ``power_w``/``demand_w`` counts as 0 W.
+        A meter reading that is not a finite number is ignored (the summed reports stand)."""
+        for what, m in (("power_w", power_w), ("demand_w", demand_w)):
+            for d, w in m.items():  # all checked before any state moves
+                if d in self.bands and not 0 <= w < math.inf:
+                    raise ValueError(f"bands: {what}[{d!r}] must be a finite number of watts >= 0 (got: {w!r})")
         levels: dict[str, Level] = {}
         limits: dict[str, float] = {}
         changed: list[str] = []
@@ -700,6 +724,10 @@ class ReleaseLimiter:
 
     def step(self, now: float, budgets_w: Mapping[str, float]) -> dict[str, float]:
         """The budgets to issue now, given this cycle's allocation."""
+        for n, target in budgets_w.items():  # all checked before any state moves
+            if not 0 <= target < math.inf:
+                raise ValueError(f"release: budget of node {n!r} must be a finite number of watts >= 0 "
+                                 f"(got: {target!r}); nothing was issued")
         dt = 0.0 if self._last_now is None else max(0.0, now - self._last_now)
         if self.max_step_s is not None:
             dt = min(dt, self.max_step_s)

@@ -257,6 +257,8 @@ class Domains:
         stack = [self.root]
         while stack:
             name = stack.pop()
+            if name in self._d:
+                raise ValueError(f"domain {name!r} is reached twice from the root: the children form a cycle")
             order.append(name)
             self._d[name] = domains[name]
             stack.extend(reversed(domains[name].children))

@@ -89,7 +89,8 @@ class CapGpu(_Strict):
 
 class CapNode(_Strict):
     """A node-wide ceiling on the sum of the GPUs' limits, split across the node's GPUs
-    (``equal``: max-min fair, see ``rules.actions.split_node_cap``; priority-aware splits later)."""
+    (by job class: ``rules.budget.split_node_budget`` through ``compose_with_sources``; with every
+    GPU ``normal``, the max-min fair equal split)."""
 
     type: Literal["cap_node"]
     watts: NumberOrParam

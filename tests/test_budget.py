@@ -35,6 +35,7 @@ def rep(node: str, *, min_w: float = 1000, floor_w: float | None = None, max_w: 
     ({"max_w": math.nan}, "max_w must be a finite number"),
     ({"demand_w": math.inf}, "demand_w must be a finite number"),
     ({"min_w": True}, "min_w must be a finite number"),
+    ({"node": ""}, "node report '': node must be a non-empty name"),
     ({"floor_w": 500}, r"need min_w <= floor_w <= max_w \(got: min_w=1000, floor_w=500, max_w=5000\)"),
     ({"flexible_w": {"urgent": 1}}, "flexible_w: unknown class 'urgent' \\(one of idle, low, normal, high\\)"),
     ({"flexible_w": {"low": -1}}, "flexible_w.low must be a finite number of watts >= 0"),
@@ -251,6 +252,10 @@ def test_allocate_refuses_bad_arguments():
     for bad in (-1, math.nan, math.inf, "5"):
         with pytest.raises(ValueError, match=r"limits_w\['r'\] must be a finite number of watts >= 0"):
             allocate(d, [], limits_w={"r": bad})
+    class Watts(float):
+        pass
+
+    assert allocate(d, [rep("a")], limits_w={"r": Watts(500)}).domains["r"].limit_w == 500  # a float subclass
     with pytest.raises(ValueError, match="two reports for node 'a'"):
         allocate(d, [rep("a"), rep("a")])
 
@@ -322,6 +327,13 @@ def test_band_tracker_steps_every_domain_and_counts_transitions():
     assert set(sub.step(0, {}, {}).levels) == {"r1"}
     with pytest.raises(ValueError, match="min_hold_s must be >= 0"):
         BandTracker(d, min_hold_s=-1)
+    bt = BandTracker(d)
+    bt.step(0, {"r1": 990}, {"r1": 990})
+    for bad in (math.nan, -5, math.inf):
+        with pytest.raises(ValueError, match=r"bands: demand_w\['r1'\] must be a finite number of watts >= 0"):
+            bt.step(1, {"r1": 100, "r2": 990}, {"r1": bad})
+    assert bt.bands["r2"].state.level is Level.UNCAPPED  # the refused step moved nothing
+    assert bt.bands["r1"].state.level is Level.CAPPING
 
 
 # --- paced release ------------------------------------------------------------------------------
@@ -354,6 +366,13 @@ def test_release_refuses_nonsense():
     for kw in ({"rise_w_per_s": 0}, {"rise_w_per_s": math.inf}, {"jitter": 1.0}, {"hold_s": -1}):
         with pytest.raises(ValueError):
             ReleaseLimiter(**kw)
+    rl = ReleaseLimiter(rise_w_per_s=100, jitter=0)
+    rl.step(0, {"a": 1000, "b": 2000})
+    for bad in (math.nan, -1, math.inf):
+        with pytest.raises(ValueError, match="release: budget of node 'b' must be a finite number of watts >= 0"):
+            rl.step(1, {"a": 1050, "b": bad})
+    # the refused steps changed nothing: a rises from 1000 over the 2 s since the last good step
+    assert rl.step(2, {"a": 5000, "b": 2000}) == {"a": 1200, "b": 2000}
 
 
 def test_classes_are_lowest_first():

@@ -103,7 +103,7 @@ def tier_kept(al, r: NodeReport) -> list[float]:
     return [nb.headroom_w, *(nb.kept_w[c] for c in CLASSES), nb.floor_kept_w]
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(sites())
 def test_allocate_keeps_every_limit_floors_and_priority(site):
     tree, reports, limits = site

@@ -233,6 +233,14 @@ def test_from_data_and_the_constructor_refuse_a_tree_without_one_root():
     assert d.root == "r" and d.leaves == ("r",) and d.depth == 1
     with pytest.raises(ValueError, match="exactly one root"):
         Domains("s", "x", {})
+    from dataclasses import replace
+
+    r = d["r"]
+    looped = {"r": replace(r, children=("a",)), "a": replace(r, name="a", parent="r", children=("r",))}
+    with pytest.raises(ValueError, match="reached twice from the root"):
+        Domains("s", "x", looped)
+    with pytest.raises(ValueError, match="reachable from the root"):
+        Domains("s", "x", {"r": r, "z": replace(r, name="z", parent="r")})
 
 
 def test_the_leaf_cache_is_bounded(monkeypatch):
