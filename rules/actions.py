@@ -60,27 +60,6 @@ def _limits(v: GpuLimits | tuple[float, float, float]) -> GpuLimits:
     return v if isinstance(v, GpuLimits) else GpuLimits(*v)
 
 
-def split_node_cap(node_w: float, ceilings: Mapping[int, float]) -> float:
-    """The per-GPU level L for a node cap: max-min fair ("equal split, with what a GPU already
-    held lower does not use shared among the others"): sum(min(c_i, L)) == node_w.
-
-    ``ceilings`` are each GPU's target from every other source. Returns +inf when the cap does
-    not bind. ``compose_with_sources`` now splits node caps by job class with
-    ``rules.budget.split_node_budget``, which gives this same level when every GPU is of one class.
-    """
-    cs = sorted(ceilings.values())
-    if sum(cs) <= node_w:
-        return float("inf")
-    remaining = node_w
-    n = len(cs)
-    for i, c in enumerate(cs):
-        share = remaining / (n - i)
-        if c >= share:
-            return share
-        remaining -= c
-    return float("inf")  # pragma: no cover - unreachable: sum(cs) > node_w
-
-
 def compose_with_sources(ceilings: Iterable[Ceiling],
                          gpus: Mapping[int, GpuLimits | tuple[float, float, float]],
                          node_caps: Iterable[NodeCap] = (),

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rules.actions import Ceiling, GpuLimits, NodeCap, Ramp, compose, compose_with_sources, split_node_cap
+from rules.actions import Ceiling, GpuLimits, NodeCap, Ramp, compose, compose_with_sources
 
 G = {0: GpuLimits(200, 700, 700), 1: GpuLimits(200, 700, 650), 2: GpuLimits(100, 400, 400)}
 
@@ -32,7 +32,7 @@ def test_node_cap_split_is_max_min_fair():
     assert all(abs(out[i].watts - 1700 / 3) < 1e-9 and out[i].source == "node:pump" for i in (1, 2, 3))
     # under the sum of minimums every GPU sits at its minimum
     assert compose([], gpus, [NodeCap(400, "x")]) == {i: 200 for i in range(4)}
-    assert split_node_cap(5000, {0: 700, 1: 700}) == float("inf")
+    assert compose([], {0: G[0], 1: G[0]}, [NodeCap(5000, "x")]) == {0: 700, 1: 700}  # a cap that does not bind
 
 
 def test_ramp_falls_at_once_rises_slowly_after_hold():

@@ -255,7 +255,8 @@ class NodeSite:
         point = node_power_point(
             self.node, self.site, self.domain, round(now * 1e9) if ts_ns is None else ts_ns,
             gpu_power_w=report.gpu_power_w, budget_w=round(budget.budget_w, 1), demand_w=round(demand_w, 1),
-            flexible_w=cast("Mapping[str, float]", flexible), floor_w=report.floor_w, min_w=report.min_w, max_w=report.max_w,
+            flexible_w=cast("Mapping[str, float]", flexible), floor_w=report.floor_w, min_w=report.min_w,
+            max_w=report.max_w,
             level=level, budget_source=budget.source, lease_age_s=report.lease_age_s,
             leases_live=len(budget.controllers), refused=self.tracker.refused)
         cap_w = max(0.0, budget.budget_w - uncontrolled_w)
