@@ -64,6 +64,22 @@ def _bytes(n: int) -> str:
 
 # -- agentd export --------------------------------------------------------------------------
 
+def time_window(since: str | None, until: str | None) -> tuple[int | None, int | None]:
+    """``--since`` / ``--until`` (a duration back from now, or an RFC 3339 time) as ns bounds,
+    or the click error that names the option (exit 2)."""
+    now_ns = time.time_ns()
+    bounds: dict[str, int | None] = {}
+    for name, text in (("--since", since), ("--until", until)):
+        try:
+            bounds[name] = parse_time_bound(text, now_ns, name) if text is not None else None
+        except TimeBoundError as exc:
+            raise click.BadParameter(str(exc), param_hint=f"'{name}'") from None
+    since_ns, until_ns = bounds["--since"], bounds["--until"]
+    if since_ns is not None and until_ns is not None and since_ns >= until_ns:
+        raise click.UsageError(f"--since {since} is not before --until {until}: nothing would be selected")
+    return since_ns, until_ns
+
+
 @click.command("export", context_settings=HELP_OPTIONS)
 @_CONFIG_OPTION
 @click.option("--since", metavar="DURATION|TIME", default=None,
@@ -106,16 +122,7 @@ def export_command(config_path: Path | None, since: str | None, until: str | Non
     if db is not None and (org is not None or bucket is not None):
         raise click.UsageError("--db writes with the v1 API; --org and --bucket are for v2: give one or the other")
     cfg = config_or_exit(config_path)
-    now_ns = time.time_ns()
-    bounds: dict[str, int | None] = {}
-    for name, text in (("--since", since), ("--until", until)):
-        try:
-            bounds[name] = parse_time_bound(text, now_ns, name) if text is not None else None
-        except TimeBoundError as exc:
-            raise click.BadParameter(str(exc), param_hint=f"'{name}'") from None
-    since_ns, until_ns = bounds["--since"], bounds["--until"]
-    if since_ns is not None and until_ns is not None and since_ns >= until_ns:
-        raise click.UsageError(f"--since {since} is not before --until {until}: nothing would be selected")
+    since_ns, until_ns = time_window(since, until)
     flt = PointFilter(tuple(measurements), since_ns, until_ns)
     if to_url is not None:
         influx = _target(cfg, to_url, token_file, org, bucket, db)

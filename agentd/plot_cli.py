@@ -10,7 +10,6 @@ configuration error (a bad option, a zero or negative duration, an invalid confi
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -18,7 +17,8 @@ import click
 
 from agentd.cli_types import HELP_OPTIONS, config_or_exit
 from agentd.config import config_source
-from agentd.export import TimeBoundError, parse_time_bound, rfc3339_ns
+from agentd.export import rfc3339_ns
+from agentd.export_cli import time_window
 from agentd.store import STORE_FILE, StoreError, StoreNotFound, StoreReader
 
 __all__ = ["plot_command"]
@@ -56,16 +56,7 @@ def plot_command(config_path: Path | None, since: str, until: str | None, out: P
     from agentd import plot
 
     cfg = config_or_exit(config_path)
-    now_ns = time.time_ns()
-    bounds: dict[str, int | None] = {}
-    for name, text in (("--since", since), ("--until", until)):
-        try:
-            bounds[name] = parse_time_bound(text, now_ns, name) if text is not None else None
-        except TimeBoundError as exc:
-            raise click.BadParameter(str(exc), param_hint=f"'{name}'") from None
-    since_ns, until_ns = bounds["--since"], bounds["--until"]
-    if since_ns is not None and until_ns is not None and since_ns >= until_ns:
-        raise click.UsageError(f"--since {since} is not before --until {until}: nothing would be selected")
+    since_ns, until_ns = time_window(since, until)
     if not out.parent.is_dir():
         _fail(f"--out {out}: the folder {out.parent} does not exist", 1)
     try:
