@@ -383,6 +383,19 @@ def test_unseen_named_nodes_are_counted_when_a_figure_is_given():
     assert point(r, "rack-a")["power_w"] == 5000 + 2 * 3000
 
 
+
+def test_a_shortfall_from_nodes_not_heard_from_yet_is_info_at_start_then_error():
+    """Just started: nodes named in the file have not reported yet and are counted at their
+    figure; the shortfall that makes is published at once but logged at error only once the
+    nodes had stale_after to report."""
+    core = core_for(ONE_DOMAIN, unseen_node_w=6000.0, stale_after_s=5.0)  # 2 x 6 kW > 9.5 kW
+    with capture_logs() as logs:
+        first = core.cycle(T0)
+        later = core.cycle(T0 + 6.0)  # still silent after stale_after: say it loudly
+    assert point(first, "site")["shortfall_w"] > 0 and point(later, "site")["shortfall_w"] > 0
+    lines = [e for e in logs if e["event"] == "domain_shortfall"]
+    assert [(e["log_level"], e["warming_up"]) for e in lines] == [("info", True), ("error", False)]
+
 # --- replicas ---------------------------------------------------------------------------------
 
 def test_two_controllers_with_different_views_keep_every_domain_under_cap_at_the_nodes_minimum():

@@ -407,6 +407,7 @@ class ControllerCore:
         self._report_seq = 0
         self._refusal_log = RateLimitedLog(interval_s)
         self._event_log = RateLimitedLog(max(interval_s, 10.0))
+        self._first_cycle_at: float | None = None  # for the start-up grace of _log_shortfalls
         self._verdict: dict[str, str | None] = {}  # node -> "ok" / "ignored" / a refusal reason
         self._leaves = frozenset(self.tree.leaves)
         # delegated children: their aggregate report arrives on .../domains/{d}/power
@@ -669,7 +670,12 @@ class ControllerCore:
         self.stats.leases_sent += leases
 
         summaries = self._summaries(alloc, step.levels, meters, stale_keys, absent, self.slack.extra_w)
-        self._log_shortfalls(summaries, now)
+        if self._first_cycle_at is None:
+            self._first_cycle_at = now
+        # Just started and some named nodes not heard from yet: a shortfall that only counts them
+        # at their figure is expected for one stale_after; said at info, published all the same.
+        warming_up = bool(unseen) and now - self._first_cycle_at < self.stale_after_s
+        self._log_shortfalls(summaries, now, warming_up)
         ts_ns = int(now * 1e9)
         points = [domain_power_point(self.site, self.controller_id, s, ts_ns) for s in summaries.values()]
         if self.subtree is not None:
@@ -727,11 +733,14 @@ class ControllerCore:
                                    reclaimed_w=reclaimed.get(d, 0.0))
         return out
 
-    def _log_shortfalls(self, summaries: Mapping[str, DomainSummary], now: float) -> None:
+    def _log_shortfalls(self, summaries: Mapping[str, DomainSummary], now: float, warming_up: bool) -> None:
+        level = log.info if warming_up else log.error
         for s in summaries.values():
             if s.shortfall_w > 0:
-                self._event_log.emit("shortfall:" + s.domain, now, log.error, "domain_shortfall", domain=s.domain,
-                                     shortfall_w=round(s.shortfall_w, 1), limit_w=round(s.limit_w, 1),
+                key = ("shortfall_start:" if warming_up else "shortfall:") + s.domain  # the error is not held back
+                self._event_log.emit(key, now, level, "domain_shortfall", domain=s.domain,
+                                     warming_up=warming_up, shortfall_w=round(s.shortfall_w, 1),
+                                     limit_w=round(s.limit_w, 1),
                                      allocated_w=round(s.allocated_w, 1), cap_w=s.cap_w,
                                      hint="the nodes' floors (job floors, GPU minimum limits) and the stale "
                                           "nodes alone exceed this domain's limit: lower class floors, move "
