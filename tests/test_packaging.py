@@ -19,13 +19,12 @@ import base64
 import hashlib
 import json
 import os
-import select
 import shutil
 import signal
 import site as sitepackages
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -298,19 +297,25 @@ def _starts_and_stops(venv: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen([str(venv / "bin" / "agentd"), "run", "--config", str(_config(tmp_path))],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=_env())
     lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:  # a thread of its own: select() on a buffered pipe can miss a line
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if '"event": "started"' in line:
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 60
-        while not any('"event": "started"' in line for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                lines.append(proc.stdout.readline())  # type: ignore[union-attr]
+        assert started.wait(60) and proc.poll() is None, "".join(lines)
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = "".join(lines) + rest
+    out = "".join(lines)
     assert proc.returncode == 0, out
     assert "refusing" not in out and '"event": "stopped"' in out
     assert (tmp_path / "state" / "store.sqlite").exists()
