@@ -13,18 +13,14 @@ import csv
 import hashlib
 import io
 import json
-import logging
 import math
 import re
 import sqlite3
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import structlog
 from click.testing import CliRunner
 
 from agentd.clock import FakeClock
@@ -91,19 +87,6 @@ class SimRun:
         WAL index SQLite readers share, not the store's data)."""
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(self.state_dir.iterdir()) if not p.name.endswith("-shm")}
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """A replay points the logs at the CLI's stderr (a CliRunner stream that closes): put the
-    process's logging back after each test."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    hooks = sys.excepthook, threading.excepthook
-    yield
-    structlog.reset_defaults()
-    root.handlers, root.level = handlers, level
-    sys.excepthook, threading.excepthook = hooks
 
 
 @pytest.fixture(scope="module")

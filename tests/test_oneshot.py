@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
-import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -21,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import structlog
 
 from agentd.clock import FakeClock
 from agentd.config import AgentConfig, load_config
@@ -43,18 +40,6 @@ rules:
       - type: cap_gpu
         watts: 450
 """
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """run_once points the logs at its err stream; put the process's logging back after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    hooks = sys.excepthook, threading.excepthook
-    yield
-    structlog.reset_defaults()
-    root.handlers, root.level = handlers, level
-    sys.excepthook, threading.excepthook = hooks
 
 
 def shipped_config(state_dir: Path, **env: str) -> AgentConfig:
