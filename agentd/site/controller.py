@@ -495,17 +495,19 @@ class ControllerCore:
                 self.stats.ignored += 1
                 return False
             return self._refuse(verdict, topic, self._node_detail(verdict, node), now)
+        return self._accept(node, "node", node, topic, payload, now)
+
+    def _accept(self, key: str, kind: str, name: str, topic: str, payload: bytes, now: float) -> bool:
+        """Decode a report and keep it as ``key``'s latest when it is the ``kind`` report of
+        ``name`` in this site, as its topic says; else refuse it (counted, logged)."""
         try:
             report = decode_report_fast(payload)
         except ProtocolError as exc:
             return self._refuse(exc.reason, topic, exc.detail, now)
-        if report.node != node or report.site != self.site or report.kind != "node":
+        if report.node != name or report.site != self.site or report.kind != kind:
             return self._refuse("topic_mismatch", topic,
                                 f"the report says kind={report.kind!r} site={report.site!r} node={report.node!r}; "
-                                f"its topic says a node report of {node!r} in site {self.site!r}", now)
-        return self._keep(node, report, now)
-
-    def _keep(self, key: str, report: PowerReport, now: float) -> bool:
+                                f"its topic says the {kind} report of {name!r} in site {self.site!r}", now)
         self._latest[key] = _Latest(report, now)
         self.stats.reports_accepted += 1
         return True
@@ -536,15 +538,7 @@ class ControllerCore:
         return shown
 
     def _on_delegate_report(self, domain: str, topic: str, payload: bytes, now: float) -> bool:
-        try:
-            report = decode_report_fast(payload)
-        except ProtocolError as exc:
-            return self._refuse(exc.reason, topic, exc.detail, now)
-        if report.node != domain or report.site != self.site or report.kind != "domain":
-            return self._refuse("topic_mismatch", topic,
-                                f"the report says kind={report.kind!r} site={report.site!r} node={report.node!r}; "
-                                f"its topic says the aggregate of domain {domain!r} in site {self.site!r}", now)
-        return self._keep(delegate_key(domain), report, now)
+        return self._accept(delegate_key(domain), "domain", domain, topic, payload, now)
 
     def _refuse(self, reason: str, topic: str, detail: str, now: float) -> bool:
         st = self.stats
