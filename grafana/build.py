@@ -68,6 +68,11 @@ def mapping(values: dict[Any, Any]) -> list[dict[str, Any]]:
     return [{"type": "value", "options": options}]
 
 
+def state_colors(mappings: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field defaults for a panel of named states: each value's colour comes from its mapping."""
+    return {"mappings": mappings, "color": {"mode": "thresholds"}, "thresholds": thresholds((None, "text"))}
+
+
 def reason_mapping() -> list[dict[str, Any]]:
     """0 -> nothing shown (transparent), each reason's bit -> its name, in red for the ones that
     hold clocks down and blue for the benign ones (idle, application clocks, sync boost)."""
@@ -309,16 +314,14 @@ def site_power() -> Board:
           "uncap_threshold x cap.",
           [target("A", f'SELECT last("level") AS "level" FROM "domain_power" WHERE {TF} AND {dom} '
                        f'GROUP BY time({IV}), "domain" fill(previous)', alias="$tag_domain")],
-          "none", w=12, defaults={"mappings": mapping(DOMAIN_LEVELS), "color": {"mode": "thresholds"},
-                                  "thresholds": thresholds((None, "text"))})
+          "none", w=12, defaults=state_colors(mapping(DOMAIN_LEVELS)))
     b.row("Nodes")
     b.add("state-timeline", "Throttle level per node",
           "uncapped: the budget covers what the node wants; capped: it does not; failsafe: no live lease (the "
           "controller or the broker is gone), the node holds its static share.",
           [target("A", f'SELECT last("level") AS "level" FROM "node_power" WHERE {TF} AND {node} '
                        f'GROUP BY time({IV}), "host" fill(previous)', alias="$tag_host")],
-          "string", w=24, h=8, defaults={"mappings": mapping(NODE_LEVELS), "color": {"mode": "thresholds"},
-                                         "thresholds": thresholds((None, "text"))},
+          "string", w=24, h=8, defaults=state_colors(mapping(NODE_LEVELS)),
           links=link_to("node", "Node GPUs of ${__field.labels.host}"))
     b.add("timeseries", "Node GPU power vs budget",
           "Each node's GPU power and, dashed, the budget it enforces (lease or failsafe).",
@@ -372,8 +375,7 @@ def node_gpus() -> Board:
           "gpu series then stops, so this says it outright.",
           [target("A", f'SELECT last("healthy") AS "healthy" FROM "gpu_info" WHERE {TF} AND {g} GROUP BY "gpu"',
                   alias="GPU $tag_gpu")],
-          "string", w=8, h=6, defaults={"mappings": mapping(HEALTHY), "color": {"mode": "thresholds"},
-                                        "thresholds": thresholds((None, "text"))},
+          "string", w=8, h=6, defaults=state_colors(mapping(HEALTHY)),
           options={"textMode": "value_and_name"})
     b.add("timeseries", "Power: instant and average",
           "power_w (instant) per GPU; dashed: the driver's ~1 s average (power_avg_w).",
@@ -432,8 +434,7 @@ def node_gpus() -> Board:
           "power brake, board limit), blue ones are benign (idle, application clocks, sync boost).",
           [target("A", f'SELECT {reasons} FROM "gpu" WHERE {TF} AND {h} AND "gpu" =~ /^$gpu$/ '
                        f'GROUP BY time({IV}) fill(previous)', alias="$col")],
-          "none", w=12, h=8, repeat="gpu", defaults={"mappings": reason_mapping(), "color": {"mode": "thresholds"},
-                                                     "thresholds": thresholds((None, "text"))})
+          "none", w=12, h=8, repeat="gpu", defaults=state_colors(reason_mapping()))
     b.add("bargauge", "Energy in the range", "Energy per GPU over the time range (spread of the energy counter).",
           [target("A", f'SELECT spread("energy_j") / 3600000 AS "energy_kwh" FROM "gpu" WHERE {TF} AND {g} '
                        f'GROUP BY "gpu"', alias="GPU $tag_gpu")],
@@ -511,8 +512,7 @@ def coolant() -> Board:
           "the node and caps to the GPUs' minimum.",
           [target("A", f'SELECT last("leak") AS "leak" FROM "coolant" WHERE {TF} AND {c} '
                        f'GROUP BY time({IV}), "loop", "unit", "point" fill(previous)', alias=alias)],
-          "string", w=24, h=6, defaults={"mappings": mapping(LEAK_STATES), "color": {"mode": "thresholds"},
-                                         "thresholds": thresholds((None, "text"))})
+          "string", w=24, h=6, defaults=state_colors(mapping(LEAK_STATES)))
     b.add("timeseries", "Degraded sensors per node",
           "coolant_loop.degraded_sensors: sensors a node depends on that are stale, report quality != 1 or an "
           "Unavailable leak detector. Above 0 for 30 s: coolant_sensor_stale fires (no new work) and the "
@@ -555,8 +555,7 @@ def throttle_events() -> Board:
           "The last state of each rule on each node (any GPU): pending, firing, resolved, inactive.",
           [target("A", f'SELECT last("state") AS "state" FROM "throttle_event" WHERE {TF} AND {ev} '
                        f'GROUP BY time({IV}), "host", "rule" fill(previous)', alias="$tag_host $tag_rule")],
-          "string", w=24, h=9, defaults={"mappings": mapping(RULE_STATES), "color": {"mode": "thresholds"},
-                                         "thresholds": thresholds((None, "text"))},
+          "string", w=24, h=9, defaults=state_colors(mapping(RULE_STATES)),
           links=link_to("node", "Node GPUs of ${__field.labels.host}"))
     b.add("timeseries", "Rules firing per interval, by severity",
           "Transitions to firing per interval.",
@@ -619,8 +618,7 @@ def agent_health() -> Board:
     b.add("state-timeline", "MQTT connection", "agent.mqtt_connected (only nodes with [mqtt]).",
           [target("A", f'SELECT last("mqtt_connected") AS "mqtt_connected" {a} '
                        f'GROUP BY time({IV}), "host" fill(previous)', alias="$tag_host")],
-          "string", w=8, defaults={"mappings": mapping(BOOL_CONNECTED), "color": {"mode": "thresholds"},
-                                   "thresholds": thresholds((None, "text"))})
+          "string", w=8, defaults=state_colors(mapping(BOOL_CONNECTED)))
     counters = [("dropped", "points dropped (store size bound)"), ("quarantined", "lines quarantined after a 4xx"),
                 ("write_errors", "failed InfluxDB writes"), ("nvml_errors", "NVML errors"),
                 ("store_errors", "store errors"), ("limit_write_errors", "refused power-limit writes"),
