@@ -20,6 +20,8 @@ from typing import Any
 
 from collectors.base import BackendError
 from collectors.nvml import NvmlBackend, init_error_message
+from collectors.nvml_counters import NVLINK_COUNTERS, recovery_action_name
+from collectors.nvml_events import event_kinds, kinds_in
 
 PROBE_VERSION = 1
 
@@ -29,10 +31,30 @@ _THRESHOLDS = (
     "NVML_TEMPERATURE_THRESHOLD_GPU_MAX",
     "NVML_TEMPERATURE_THRESHOLD_MEM_MAX",
 )
-_FIELDS = (  # (field constant, raw unit, converted unit, scale)
+_FIELDS = (  # (field constant, raw unit, converted unit, scale); only those the bindings have
     ("NVML_FI_DEV_POWER_INSTANT", "mW", "W", 0.001),
     ("NVML_FI_DEV_MEMORY_TEMP", "C", "C", 1.0),
+    # health (issue 14): the driver's recommended action, and the perf-policy durations (ns)
+    ("NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", "enum", "action", 1.0),
+    ("NVML_FI_DEV_PERF_POLICY_POWER", "ns", "ns", 1.0),
+    ("NVML_FI_DEV_PERF_POLICY_THERMAL", "ns", "ns", 1.0),
+    ("NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT", "ns", "ns", 1.0),
+    ("NVML_FI_DEV_PERF_POLICY_RELIABILITY", "ns", "ns", 1.0),
+    ("NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", "count", "count", 1.0),
+    ("NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", "count", "count", 1.0),
+    ("NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL", "count", "count", 1.0),
+    ("NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL", "count", "count", 1.0),
 )
+_RECOVERY_FIELD = "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION"
+# The health calls (issue 14), in the order probed; each is one entry of a GPU's "calls", and the
+# "health" section repeats their answers without the timings.
+HEALTH_CALLS = (
+    "nvmlDeviceGetSupportedEventTypes", "nvmlDeviceGetEccMode", "nvmlDeviceGetTotalEccErrors",
+    "nvmlDeviceGetRetiredPages", "nvmlDeviceGetRetiredPagesPendingStatus", "nvmlDeviceGetRemappedRows",
+    "nvmlDeviceGetNvLinkState", "nvmlDeviceGetNvLinkErrorCounter", "nvmlDeviceGetPcieReplayCounter",
+)  # fmt: skip
+_ECC_COUNTERS = ("CORRECTED/VOLATILE", "UNCORRECTED/VOLATILE", "CORRECTED/AGGREGATE", "UNCORRECTED/AGGREGATE")
+_RETIREMENT_CAUSES = ("MULTIPLE_SINGLE_BIT_ECC_ERRORS", "DOUBLE_BIT_ECC_ERROR")
 _VALUE_TYPES = {
     "NVML_VALUE_TYPE_DOUBLE": "dVal",
     "NVML_VALUE_TYPE_UNSIGNED_INT": "uiVal",
@@ -189,19 +211,25 @@ def _probe_gpu(p: _Prober, index: int) -> dict[str, Any]:
         thresholds[tname] = entry
     calls["nvmlDeviceGetTemperatureThreshold"] = {"thresholds": thresholds}
     # readings, in the collector's order
-    fields_entry, values = p.call("nvmlDeviceGetFieldValues", h, [getattr(nv, f[0]) for f in _FIELDS])
+    known = [f for f in _FIELDS if hasattr(nv, f[0])]
+    fields_entry, values = p.call("nvmlDeviceGetFieldValues", h, [getattr(nv, f[0]) for f in known])
     if values is not None:
         type_names = {getattr(nv, n): n for n in _VALUE_TYPES}
         fields: dict[str, Any] = {}
-        for (fname, unit, to, scale), v in zip(_FIELDS, values):
+        for (fname, unit, to, scale), v in zip(known, values):
             if v.nvmlReturn != nv.NVML_SUCCESS:
                 fields[fname] = {"error": p.error_name(v.nvmlReturn), "code": v.nvmlReturn}
                 continue
             tname = type_names.get(v.valueType, f"unknown_{v.valueType}")
             raw = getattr(v.value, _VALUE_TYPES[tname]) if tname in _VALUE_TYPES else None
+            if raw is None:
+                value: Any = None
+            elif fname == _RECOVERY_FIELD:
+                value = recovery_action_name(raw)
+            else:
+                value = raw * scale
             fields[fname] = {
-                "raw": raw, "value_type": tname, "unit": unit,
-                "value": raw * scale if raw is not None else None, "value_unit": to,
+                "raw": raw, "value_type": tname, "unit": unit, "value": value, "value_unit": to,
                 "latency_us": v.latencyUsec,
             }  # fmt: skip
         fields_entry["fields"] = fields
@@ -227,7 +255,9 @@ def _probe_gpu(p: _Prober, index: int) -> dict[str, Any]:
         procs = rec(name)
         if procs is not None:
             calls[name]["raw"] = [{"pid": q.pid, "used_gpu_memory_bytes": q.usedGpuMemory} for q in procs]
+    _probe_health(p, h, calls)
     gpu["calls"] = calls
+    gpu["health"] = _health_section(calls)
     gpu["controls"] = {
         "power_management": calls["nvmlDeviceGetPowerManagementMode"].get("value")
         or calls["nvmlDeviceGetPowerManagementMode"].get("error"),
@@ -241,9 +271,124 @@ def _probe_gpu(p: _Prober, index: int) -> dict[str, Any]:
     return gpu
 
 
+def _probe_health(p: _Prober, h: Any, calls: dict[str, dict[str, Any]]) -> None:
+    """The health calls (issue 14), read only: event types, ECC, retired pages, row remapping,
+    NVLink (every link up to NVML_NVLINK_MAX_LINKS, counters for the links that are up), PCIe.
+
+    A call asked several times (one per counter, cause or link) is one entry: ``us`` is the sum,
+    and each answer sits under ``counters`` / ``causes`` / ``links``."""
+    nv = p.nv
+
+    def one(name: str, *args: Any) -> Any:
+        entry, raw = p.call(name, h, *args)
+        calls[name] = entry
+        if "error" not in entry:
+            entry["raw"] = raw
+        return None if "error" in entry else raw
+
+    def many(name: str, key: str, asks: list[tuple[str, tuple[Any, ...]]]) -> dict[str, Any]:
+        """Each (sub-key, args) asked once; the answers under ``key``."""
+        if getattr(nv, name, None) is None:
+            calls[name] = {"error": "not_in_bindings"}
+            return {}
+        total_us, answers = 0.0, {}
+        for sub, args in asks:
+            entry, raw = p.call(name, h, *args)
+            total_us += entry.pop("us", 0.0)
+            if "error" not in entry:
+                entry["raw"] = raw
+            answers[sub] = entry
+        calls[name] = {"us": round(total_us, 1), key: answers}
+        return answers
+
+    mask = one("nvmlDeviceGetSupportedEventTypes")
+    if mask is not None:
+        calls["nvmlDeviceGetSupportedEventTypes"]["value"] = kinds_in(int(mask), event_kinds(nv))
+    mode = one("nvmlDeviceGetEccMode")
+    if mode is not None:
+        state = {nv.NVML_FEATURE_ENABLED: "enabled", nv.NVML_FEATURE_DISABLED: "disabled"}
+        calls["nvmlDeviceGetEccMode"].update(raw=[int(x) for x in mode],
+                                            value={"current": state.get(mode[0], str(mode[0])),
+                                                   "pending": state.get(mode[1], str(mode[1]))})
+    ecc_asks = []
+    for key in _ECC_COUNTERS:
+        error_type, counter_type = key.split("/")
+        args = (getattr(nv, f"NVML_MEMORY_ERROR_TYPE_{error_type}"), getattr(nv, f"NVML_{counter_type}_ECC"))
+        ecc_asks.append((key, args))
+    many("nvmlDeviceGetTotalEccErrors", "counters", ecc_asks)
+    causes = many("nvmlDeviceGetRetiredPages", "causes",
+                  [(c, (getattr(nv, f"NVML_PAGE_RETIREMENT_CAUSE_{c}"),)) for c in _RETIREMENT_CAUSES])
+    for answer in causes.values():
+        if "raw" in answer:
+            answer["raw"] = [int(a) for a in answer["raw"]]
+            answer["count"] = len(answer["raw"])
+    one("nvmlDeviceGetRetiredPagesPendingStatus")
+    rows = one("nvmlDeviceGetRemappedRows")
+    if rows is not None:
+        calls["nvmlDeviceGetRemappedRows"]["raw"] = [int(x) for x in rows]
+        calls["nvmlDeviceGetRemappedRows"]["order"] = ["corrected", "uncorrected", "pending", "failure"]
+    links = _probe_nvlink_state(p, h, calls)
+    if links:
+        many("nvmlDeviceGetNvLinkErrorCounter", "links", [
+            (f"{link}/{const.removeprefix('NVML_NVLINK_ERROR_')}", (link, getattr(nv, const)))
+            for link in links for _, const in NVLINK_COUNTERS
+        ])
+    one("nvmlDeviceGetPcieReplayCounter")
+
+
+def _probe_nvlink_state(p: _Prober, h: Any, calls: dict[str, dict[str, Any]]) -> list[int]:
+    """Each link's state up to the first INVALID_ARGUMENT (past the GPU's last link); the links
+    that are up. NOT_SUPPORTED (or any error) on link 0 is the entry's own error: no NVLink."""
+    nv = p.nv
+    name = "nvmlDeviceGetNvLinkState"
+    if getattr(nv, name, None) is None:
+        calls[name] = {"error": "not_in_bindings"}
+        return []
+    total_us, answers, up = 0.0, {}, []
+    for link in range(getattr(nv, "NVML_NVLINK_MAX_LINKS", 0)):
+        entry, raw = p.call(name, h, link)
+        total_us += entry.get("us", 0.0)
+        if "error" in entry:
+            if link == 0:
+                calls[name] = entry
+                return []
+            if entry.get("code") == nv.NVML_ERROR_INVALID_ARGUMENT:
+                break
+            entry.pop("us", None)
+            answers[str(link)] = entry
+            continue
+        answers[str(link)] = {"raw": raw}
+        if raw == nv.NVML_FEATURE_ENABLED:
+            up.append(link)
+    calls[name] = {"us": round(total_us, 1), "links": answers, "up": up}
+    return up
+
+
+def _health_section(calls: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per health call (and health field): its answer without the timing, or ``{"error": ..}``."""
+
+    def bare(e: Any) -> Any:
+        if isinstance(e, dict):
+            if "error" in e:
+                return {"error": e["error"]}
+            if set(e) <= {"us", "raw", "count"}:
+                return e.get("count", e.get("raw"))
+            return {k: bare(v) for k, v in e.items() if k not in ("us", "unit", "code")}
+        return e
+
+    out: dict[str, Any] = {name: bare(calls[name]) for name in HEALTH_CALLS if name in calls}
+    fields = calls.get("nvmlDeviceGetFieldValues", {}).get("fields", {})
+    for fname, *_ in _FIELDS[2:]:
+        if fname in fields:
+            e = fields[fname]
+            out[fname] = {"error": e["error"]} if "error" in e else e["value"]
+    return out
+
+
 def _add_collector_view(nv: Any, result: dict[str, Any]) -> None:
-    """What NvmlBackend makes of the same GPUs: one sample each and the readers it dropped."""
-    backend = NvmlBackend(nv)
+    """What NvmlBackend makes of the same GPUs: one sample each, the readers it dropped, and the
+    NVML event kinds its event thread registered on each GPU."""
+    backend = NvmlBackend(nv, event_wait_ms=50)  # a short wait: close() waits for the event thread
     try:
         backend.open()
         t0 = time.perf_counter_ns()
@@ -253,9 +398,11 @@ def _add_collector_view(nv: Any, result: dict[str, Any]) -> None:
             if s.index < len(result["gpus"]):
                 sample = dataclasses.asdict(s)
                 sample["pids"] = list(s.pids)
+                sample["nvlink"] = [link._asdict() for link in s.nvlink] if s.nvlink is not None else None
                 result["gpus"][s.index]["collector"] = {
                     "sample": sample,
                     "unsupported": sorted(backend.unsupported(s.index)),
+                    "events_watched": backend.event_watch().get(s.index, []),
                 }
     except BackendError as e:
         result["collector_error"] = str(e)
@@ -285,6 +432,8 @@ def probe_text(result: dict[str, Any]) -> str:
                 lines.append(_row(name, {k: v for k, v in e.items() if k != "fields"}))
                 for fname, fe in e["fields"].items():
                     lines.append(_row(f"  [{fname}]", fe))
+            elif any(k in e for k in _MANY):
+                lines.extend(_many_rows(name, e))
             else:
                 lines.append(_row(name, e))
         c = g["controls"]
@@ -295,10 +444,37 @@ def probe_text(result: dict[str, Any]) -> str:
         )
         col = g.get("collector")
         if col:
-            lines.append(f"  collector: unsupported {', '.join(col['unsupported']) or 'none'}")
+            lines.append(f"  collector: unsupported {', '.join(col['unsupported']) or 'none'}; "
+                         f"events watched {', '.join(col.get('events_watched') or []) or 'none'}")
     if "collector_error" in result:
         lines.append(f"collector: {result['collector_error']}")
     return "\n".join(lines)
+
+
+_MANY = ("counters", "causes", "links")  # entries of a call asked once per counter / cause / link
+
+
+def _many_rows(name: str, e: dict[str, Any]) -> list[str]:
+    """A call asked several times: its total time, then the answers (one line per NVLink)."""
+    key = next(k for k in _MANY if k in e)
+    rows = [_row(name, {k: v for k, v in e.items() if k not in (key, "up")})]
+
+    def shown(v: dict[str, Any]) -> str:
+        return f"<{v['error']}>" if "error" in v else str(v.get("count", v.get("raw")))
+
+    groups: dict[str, list[str]] = {}
+    for sub, v in e[key].items():
+        link, sep, what = sub.partition("/")
+        if key == "links":
+            label = f"link {link}"
+            groups.setdefault(label, []).append(f"{what}={shown(v)}" if sep else shown(v))
+        else:
+            groups.setdefault("", []).append(f"{sub}={shown(v)}")
+    for label, parts in groups.items():
+        rows.append(f"    {label + ': ' if label else ''}{' '.join(parts)}")
+    if "up" in e:
+        rows.append(f"    up: {' '.join(map(str, e['up'])) or 'none'}")
+    return rows
 
 
 def _row(name: str, e: dict[str, Any]) -> str:
@@ -317,4 +493,8 @@ def _row(name: str, e: dict[str, Any]) -> str:
             shown += f"  = {e['value']} {e['value_unit']}"
         elif "value" in e and isinstance(e["value"], str):
             shown += f"  ({e['value']}{' ' + ','.join(e['reasons']) if e.get('reasons') else ''})"
+        elif isinstance(e.get("value"), list):  # the event kinds of a type mask
+            shown += f"  ({', '.join(map(str, e['value'])) or 'none'})"
+        elif isinstance(e.get("value"), dict):  # ECC mode: current / pending
+            shown += f"  ({', '.join(f'{k} {v}' for k, v in e['value'].items())})"
     return f"  {name:<58} {timing}  {shown}"

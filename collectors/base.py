@@ -66,6 +66,33 @@ class GpuSample:
     sm_clock_mhz: float | None = None
     clock_reasons: int | None = None  # clocks-event-reasons bitmask
     pids: tuple[int, ...] = field(default_factory=tuple)
+    # Health counters (issue 14). Each is read only as often as it can change, so on most ticks
+    # they are None ("not read this tick"); a device that does not support one never has it.
+    # The health tracker (collectors/gpu_health.py) keeps the last value seen.
+    ecc_sbe_volatile: int | None = None  # corrected (single-bit) errors since the last driver load
+    ecc_dbe_volatile: int | None = None  # uncorrected (double-bit) errors since the last driver load
+    ecc_sbe_aggregate: int | None = None  # corrected errors over the board's life
+    ecc_dbe_aggregate: int | None = None  # uncorrected errors over the board's life
+    retired_pages_sbe: int | None = None  # pages retired for corrected errors (pre-Ampere)
+    retired_pages_dbe: int | None = None  # pages retired for uncorrected errors (pre-Ampere)
+    retired_pages_pending: bool | None = None  # a retirement waits for the next reset (pre-Ampere)
+    remap_correctable_rows: int | None = None  # rows remapped for corrected errors (Ampere+)
+    remap_uncorrectable_rows: int | None = None  # rows remapped for uncorrected errors (Ampere+)
+    remap_pending: bool | None = None  # a remap waits for the next GPU reset (Ampere+)
+    remap_failure: bool | None = None  # a remap failed: the GPU has run out of spare rows
+    nvlink: tuple[NvlinkErrors, ...] | None = None  # per active link, when read this tick
+    pcie_replay: int | None = None  # PCIe replay counter
+    # The driver's recommended action now (NVML_FI_DEV_GET_GPU_RECOVERY_ACTION; BackendEvent.action
+    # names) and how long each limiter has held the clocks below the application clocks since the
+    # driver loaded (NVML's perf-policy violation counters, ns). Read every 10 s like ECC.
+    recovery_action: str | None = None
+    throttle_power_ns: int | None = None
+    throttle_thermal_ns: int | None = None
+    throttle_board_limit_ns: int | None = None
+    throttle_reliability_ns: int | None = None
+    # Set by the daemon's health tracker before the rules run (never by a backend).
+    health: str | None = None  # "ok" / "warn" / "fail"
+    xid_last: int | None = None  # the last Xid seen on this GPU since the daemon started
 
     @property
     def throttled(self) -> bool | None:
@@ -95,17 +122,38 @@ THROTTLE_REASONS_MASK = functools.reduce(operator.or_, map(_reason_bit, (
 )))  # fmt: skip
 
 
-class BackendEvent(NamedTuple):
-    """A change of a GPU's health, for the daemon to log and store as an event.
+class NvlinkErrors(NamedTuple):
+    """One NVLink's error counters (NVML's per-link counters; None where unsupported)."""
 
-    ``kind`` is ``"gpu_lost"`` (the GPU stopped answering; ``message`` says why) or
-    ``"gpu_recovered"`` (it answers again).
+    link: int
+    crc_flit: int | None = None
+    crc_data: int | None = None
+    replay: int | None = None
+    recovery: int | None = None
+
+
+class BackendEvent(NamedTuple):
+    """Something that happened to a GPU, for the daemon to log, store and judge health by.
+
+    ``kind`` is ``"gpu_lost"`` (the GPU stopped answering; ``message`` says why),
+    ``"gpu_recovered"`` (it answers again), or an NVML event: ``"xid"`` (``xid`` holds the
+    Xid number), ``"ecc_sbe"``, ``"ecc_dbe"``, ``"pstate"``, ``"clock"``, ``"power_source"``,
+    ``"recovery_action"`` (``action`` holds the driver's recommended action), and where the
+    driver has them ``"ecc_sbe_storm"``, ``"dram_retirement"``, ``"dram_retirement_failure"``,
+    ``"poison_nonfatal"``, ``"poison_fatal"``, ``"gpu_unavailable"``; ``"other"`` for a type
+    these bindings do not name. ``action`` is the driver's recommendation where it offers one
+    (``NVML_FI_DEV_GET_GPU_RECOVERY_ACTION``, read just after an Xid): ``"none"``,
+    ``"reset_gpu"``, ``"reboot"``, ``"drain_p2p"``, ``"drain_and_reset"``, and on newer drivers
+    ``"recover_imex_domain"``, ``"bus_reset"``, ``"system_reboot"`` (``"unknown_<n>"`` for a
+    value newer than the bindings).
     """
 
     ts_ns: int
     gpu_index: int
     kind: str
     message: str
+    xid: int | None = None
+    action: str | None = None
 
 
 class BackendError(Exception):
@@ -136,7 +184,13 @@ class GpuBackend(Protocol):
         ...
 
     def drain_events(self) -> list[BackendEvent]:
-        """Take the GPU health changes (lost / recovered) seen since the last call."""
+        """Take the GPU events seen since the last call, oldest first: health changes (lost /
+        recovered) and, where the backend watches them, NVML events (Xid, ECC, ...)."""
+        ...
+
+    def event_stats(self) -> dict[str, int]:
+        """Counters of the event watching (seen, dropped by the bound, errors) for the daemon's
+        ``agent`` point; empty for a backend that watches no events."""
         ...
 
     def close(self) -> None:

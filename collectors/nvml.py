@@ -15,7 +15,13 @@ Why it is shaped like this:
   ``tests/fake_pynvml.py``; by default the real module is imported lazily in :meth:`open`, so a
   node without the driver gets a clear operator message rather than an import-time crash.
 - NVML calls block and may hang. The daemon calls this backend from one worker thread with a
-  timeout; the backend keeps no lock, so calls must be serialised by the caller.
+  timeout; the backend keeps no lock, so calls must be serialised by the caller. The one
+  exception is the NVML event wait (Xid, ECC, ...): it blocks by design, so it runs on a thread
+  of its own (:mod:`collectors.nvml_events`), started by :meth:`NvmlBackend.open` and stopped by
+  :meth:`NvmlBackend.close`; its events come out of :meth:`NvmlBackend.drain_events` with the
+  backend's own.
+- Health counters (ECC, row remapping, NVLink, PCIe replay, ...) are table readers like the
+  others, read only as often as they can change (:mod:`collectors.nvml_counters`).
 """
 
 from __future__ import annotations
@@ -27,16 +33,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from collectors.base import BackendError, BackendEvent, GpuInfo, GpuSample, LimitWriteError
+from collectors.nvml_counters import (
+    FIELDS_MIN_INTERVAL_S,
+    HEALTH_FIELDS,
+    HEALTH_MIN_INTERVAL_S,
+    HEALTH_READERS,
+    Reader,
+    fields_factory,
+)
+from collectors.nvml_events import QUEUE_MAX, WAIT_TIMEOUT_MS, EventWatcher
 
 NO_DRIVER = 'no NVIDIA driver found; use backend = "sim" to run without GPUs'
-
-
-Reader = Callable[[Any, GpuSample], None]
-"""Reads one NVML call for one device handle and stores the converted values in the sample."""
-
-
-class _Unsupported(Exception):
-    """Raised by a reader that has nothing left that the device supports."""
+# NVML events after which the slow health counters of that GPU are read at the next tick
+_REFRESH_KINDS = frozenset({
+    "xid", "ecc_sbe", "ecc_dbe", "ecc_sbe_storm", "dram_retirement", "dram_retirement_failure",
+    "poison_nonfatal", "poison_fatal", "recovery_action",
+})  # fmt: skip
 
 
 class _ReadError(Exception):
@@ -51,51 +63,13 @@ class _ReadError(Exception):
 # (treated as unsupported) and the hot path is one C call plus one conversion.
 
 
-def _field_values(nv: Any, g: _Gpu) -> Reader:
-    """Instantaneous power and HBM temperature in one nvmlDeviceGetFieldValues call.
-
-    Each entry carries its own nvmlReturn; an entry that is NOT_SUPPORTED is not asked again.
-    """
-    get = nv.nvmlDeviceGetFieldValues
-    success, not_supported, lost = nv.NVML_SUCCESS, nv.NVML_ERROR_NOT_SUPPORTED, nv.NVML_ERROR_GPU_IS_LOST
-    union_member = {
-        nv.NVML_VALUE_TYPE_DOUBLE: "dVal",
-        nv.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
-        nv.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
-        nv.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
-        nv.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
-        nv.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
-        nv.NVML_VALUE_TYPE_UNSIGNED_SHORT: "usVal",
-    }
-    # field id -> (GpuSample attribute, scale to its unit, name in the unsupported set)
-    targets = {
-        nv.NVML_FI_DEV_POWER_INSTANT: ("power_w", 0.001, "power_instant"),  # mW -> W
-        nv.NVML_FI_DEV_MEMORY_TEMP: ("mem_temp_c", 1.0, "mem_temp"),
-    }
-    ids = [fid for fid, t in targets.items() if t[2] not in g.unsupported]
-    if not ids:
-        raise AttributeError("no supported field ids")  # treated like a binding without the call
-
-    def read(handle: Any, s: GpuSample) -> None:
-        dropped = False
-        for v in get(handle, ids):
-            ret = v.nvmlReturn
-            if ret == success:
-                attr, scale, _ = targets[v.fieldId]
-                member = union_member.get(v.valueType)
-                if member is not None:
-                    setattr(s, attr, float(getattr(v.value, member)) * scale)
-            elif ret == not_supported:
-                g.unsupported.add(targets[v.fieldId][2])
-                ids.remove(v.fieldId)
-                dropped = True
-            elif ret == lost:
-                raise nv.NVMLError(ret)
-            # any other per-entry error: that value is None this tick, asked again next tick
-        if dropped and not ids:
-            raise _Unsupported
-
-    return read
+# Instantaneous power and HBM temperature in one nvmlDeviceGetFieldValues call per tick, with the
+# slow health fields (recovery action, throttle durations) in the same call when they are due;
+# an entry that is NOT_SUPPORTED is not asked again (collectors.nvml_counters.fields_factory).
+_field_values = fields_factory((
+    ("NVML_FI_DEV_POWER_INSTANT", "power_w", lambda mw: float(mw) * 0.001, "power_instant"),  # mW -> W
+    ("NVML_FI_DEV_MEMORY_TEMP", "mem_temp_c", float, "mem_temp"),
+), HEALTH_FIELDS, FIELDS_MIN_INTERVAL_S)  # fmt: skip
 
 
 def _power_avg(nv: Any, g: _Gpu) -> Reader:
@@ -237,10 +211,13 @@ _READERS: dict[str, tuple[Callable[[Any, _Gpu], Reader], str | None]] = {
     "temp": (_temp, None),
     "clock_throttle_reasons": (_clock_reasons("nvmlDeviceGetCurrentClocksThrottleReasons"), None),
     "pids_v2": (_pids("nvmlDeviceGetComputeRunningProcesses_v2"), None),
+    # health counters, each gated to its own interval (collectors.nvml_counters)
+    **{name: (factory, None) for name, factory in HEALTH_READERS.items()},
 }
 _PRIMARY = (
     "field_values", "power_avg", "energy", "temp_v", "limit_enforced", "limit_current",
     "utilization", "memory", "sm_clock", "clock_event_reasons", "pids",
+    *HEALTH_READERS,
 )  # fmt: skip
 
 
@@ -253,12 +230,32 @@ class _Gpu:
     handle: Any = None
     min_mw: int | None = None
     max_mw: int | None = None
-    readers: tuple[tuple[str, Reader], ...] = ()
+    readers: tuple[tuple[str, Reader], ...] = ()  # read on every tick
+    slow: tuple[tuple[str, Reader], ...] = ()  # the health readers (collectors.nvml_counters)
+    slow_at: float = -math.inf  # when the health readers were last asked (monotonic s)
+    slow_seen: int = 0  # the refresh generation they were last asked at
     unsupported: set[str] = field(default_factory=set)
     healthy: bool = True
     error: str | None = None
     backoff_s: float = 0.0
     retry_at: float = 0.0
+    ecc_enabled: bool | None = None  # nvmlDeviceGetEccMode at attach; None: not said
+    refresh: int = 0  # bumped (event thread) on an NVML event: the slow counters are due at once
+    health_errors: int = 0  # health reads that failed softly (collectors.nvml_counters)
+    nvlink_links: tuple[int, ...] = ()  # the NVLinks that were up at attach
+    nvlink_totals: dict[str, int] = field(default_factory=dict)  # NVLink error totals (field reader)
+
+
+def _swap(readers: tuple[tuple[str, Reader], ...], name: str,
+          repl: tuple[str, Reader] | None) -> tuple[tuple[str, Reader], ...]:
+    """``readers`` with reader ``name`` replaced by ``repl``, or left out when there is none."""
+    out = []
+    for r in readers:
+        if r[0] != name:
+            out.append(r)
+        elif repl is not None:
+            out.append(repl)
+    return tuple(out)
 
 
 def _text(value: Any) -> str:
@@ -275,7 +272,9 @@ class NvmlBackend:
     fails is retried ``retry_s`` later, doubling up to ``retry_max_s`` while it stays down.
 
     Health changes are appended to :attr:`events` (:class:`BackendEvent`); the daemon takes them
-    with :meth:`drain_events` after each sample.
+    with :meth:`drain_events` after each sample, together with the NVML events the event thread
+    queued (``events=False`` starts no such thread; ``event_wait_ms`` bounds how long
+    :meth:`close` waits for it, ``event_queue_max`` how many undrained events it keeps).
     """
 
     def __init__(
@@ -286,6 +285,10 @@ class NvmlBackend:
         wall_ns: Callable[[], int] = time.time_ns,
         retry_s: float = 5.0,
         retry_max_s: float = 60.0,
+        events: bool = True,
+        event_wait_ms: int = WAIT_TIMEOUT_MS,
+        event_queue_max: int = QUEUE_MAX,
+        event_backoff_s: float = 0.1,
     ) -> None:
         self._nv = nvml
         self._monotonic = monotonic
@@ -294,9 +297,13 @@ class NvmlBackend:
         self._retry_max_s = retry_max_s
         self._gpus: list[_Gpu] = []
         self._open = False
-        self._unsupported_errors: tuple[type[BaseException], ...] = (_Unsupported,)
+        self._unsupported_errors: tuple[type[BaseException], ...] = ()
         self.events: list[BackendEvent] = []
         self.driver_version: str | None = None
+        self._events_on = events
+        self._event_wait_ms, self._event_queue_max = event_wait_ms, event_queue_max
+        self._event_backoff_s = event_backoff_s
+        self._watcher: EventWatcher | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -318,7 +325,7 @@ class NvmlBackend:
         except nv.NVMLError as e:
             raise BackendError(init_error_message(nv, e)) from e
         self._open = True
-        self._unsupported_errors = (_Unsupported,) + tuple(
+        self._unsupported_errors = tuple(
             getattr(nv, n)
             for n in (
                 "NVMLError_NotSupported",
@@ -350,6 +357,13 @@ class NvmlBackend:
                 self._attach(g)
             except Exception as e:
                 self._mark_down(g, self._wall_ns(), f"open: {type(e).__name__}: {e}")
+        if self._events_on:
+            self._watcher = EventWatcher(
+                nv, [(g.info.index, g.info.uuid, g.handle) for g in self._gpus if g.healthy],
+                wall_ns=self._wall_ns, monotonic=self._monotonic, on_event=self._on_nvml_event,
+                wait_timeout_ms=self._event_wait_ms, queue_max=self._event_queue_max, backoff_s=self._event_backoff_s,
+            )
+            self._watcher.start()
         return self.infos
 
     def close(self) -> None:
@@ -357,6 +371,9 @@ class NvmlBackend:
         if not self._open:
             return
         self._open = False
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop()  # before nvmlShutdown: its event set belongs to this NVML session
         self._gpus = []
         try:
             self._nv.nvmlShutdown()
@@ -373,9 +390,39 @@ class NvmlBackend:
         return frozenset(self._gpu(index).unsupported)
 
     def drain_events(self) -> list[BackendEvent]:
-        """Take the health events raised since the last call."""
+        """Take the events raised since the last call, in time order: the backend's health
+        changes (lost / recovered) and the NVML events (Xid, ECC, ...) the event thread queued."""
         events, self.events = self.events, []
+        watcher = self._watcher
+        if watcher is not None:
+            events += watcher.drain()
+            events.sort(key=lambda e: e.ts_ns)  # stable: same-time events keep their order
         return events
+
+    def event_stats(self) -> dict[str, int]:
+        """The event thread's counters for the daemon's ``agent`` point (see
+        :meth:`collectors.nvml_events.EventWatcher.stats`; zeros when no thread runs), plus
+        ``nvml_health_read_errors``: health counter reads that failed and were retried later."""
+        watcher = self._watcher
+        stats = watcher.stats() if watcher is not None else {
+            "nvml_events": 0, "nvml_events_dropped": 0, "nvml_event_errors": 0,
+            "nvml_event_unknown_device": 0, "nvml_event_gpus": 0,
+        }  # fmt: skip
+        stats["nvml_health_read_errors"] = sum(g.health_errors for g in self._gpus)
+        return stats
+
+    def event_watch(self) -> dict[int, list[str]]:
+        """GPU index -> the NVML event kinds watched on it now (empty where none; for the probe)."""
+        watcher = self._watcher
+        registered = watcher.registered() if watcher is not None else {}
+        return {g.info.index: registered.get(g.info.index, []) for g in self._gpus}
+
+    def _on_nvml_event(self, index: int, kind: str) -> None:
+        """On the event thread: an Xid or ECC event makes that GPU's slow counters due now."""
+        if kind in _REFRESH_KINDS:
+            gpus = self._gpus
+            if 0 <= index < len(gpus):
+                gpus[index].refresh += 1
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -423,6 +470,20 @@ class NvmlBackend:
                 self._replace_reader(g, name, h, s)
             except Exception as e:
                 raise _ReadError(name, e) from e
+        if g.slow:
+            # The health readers gate themselves (10 s / 60 s); asking them only when the shortest
+            # interval has passed, or an event made them due, keeps a tick in between to one
+            # clock read per GPU rather than a call per reader.
+            now, generation = self._monotonic(), g.refresh
+            if now - g.slow_at >= HEALTH_MIN_INTERVAL_S or generation != g.slow_seen:
+                g.slow_at, g.slow_seen = now, generation
+                for name, read in g.slow:
+                    try:
+                        read(h, s)
+                    except self._unsupported_errors:
+                        self._replace_reader(g, name, h, s)
+                    except Exception as e:
+                        raise _ReadError(name, e) from e
         return s
 
     def _replace_reader(self, g: _Gpu, name: str, h: Any, s: GpuSample) -> None:
@@ -430,13 +491,7 @@ class NvmlBackend:
         while True:
             g.unsupported.add(name)
             repl = self._build_reader(g, _READERS[name][1])
-            readers = []
-            for r in g.readers:
-                if r[0] != name:
-                    readers.append(r)
-                elif repl is not None:
-                    readers.append(repl)
-            g.readers = tuple(readers)
+            g.readers, g.slow = _swap(g.readers, name, repl), _swap(g.slow, name, repl)
             if repl is None:
                 return
             name = repl[0]
@@ -490,7 +545,27 @@ class NvmlBackend:
             mem_max_c=temp_limit(nv.NVML_TEMPERATURE_THRESHOLD_MEM_MAX),
         )
         g.handle = h
-        g.readers = tuple(r for r in (self._build_reader(g, n) for n in _PRIMARY) if r is not None)
+        g.ecc_enabled = self._ecc_enabled(h)
+        built = [r for r in (self._build_reader(g, n) for n in _PRIMARY) if r is not None]
+        g.readers = tuple(r for r in built if r[0] not in HEALTH_READERS)
+        g.slow = tuple(r for r in built if r[0] in HEALTH_READERS)
+
+    def _ecc_enabled(self, h: Any) -> bool | None:
+        """ECC's current mode: with ECC off the error counters are absent or meaningless, so the
+        ECC and page-retirement readers are not built. None when the driver does not say; an
+        error other than GPU_IS_LOST must not keep the GPU from attaching."""
+        nv = self._nv
+        try:
+            current, _pending = nv.nvmlDeviceGetEccMode(h)
+        except AttributeError:
+            return None
+        except self._unsupported_errors:
+            return None
+        except nv.NVMLError as e:
+            if e.value == nv.NVML_ERROR_GPU_IS_LOST:
+                raise
+            return None
+        return bool(current == nv.NVML_FEATURE_ENABLED)
 
     def _reattach(self, g: _Gpu) -> None:
         """A fresh handle for a GPU that failed: by UUID when we know it, else a full attach."""
@@ -523,6 +598,8 @@ class NvmlBackend:
         g.healthy, g.error, g.backoff_s = True, None, 0.0
         i = g.info
         self.events.append(BackendEvent(ts_ns, i.index, "gpu_recovered", f"GPU {i.index} ({i.uuid}) reads again"))
+        if self._watcher is not None:
+            self._watcher.gpu_back(i.index, i.uuid, g.handle)
 
     # -- control ---------------------------------------------------------------------------
 

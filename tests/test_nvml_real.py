@@ -69,7 +69,8 @@ def test_collector_reads_sane_values() -> None:
             missing = sorted(b.unsupported(s.index))
             if missing:
                 warnings.warn(f"GPU {s.index} ({s.model}): unsupported readers: {', '.join(missing)}", stacklevel=1)
-        assert b.drain_events() == []
+        # no GPU lost or recovered (a real GPU may have a genuine NVML event of its own: not ours to fail on)
+        assert [e for e in b.drain_events() if e.kind in ("gpu_lost", "gpu_recovered")] == []
         # one full sample of all GPUs stays well inside a 0.1 s tick
         times = []
         for _ in range(20):
