@@ -13,11 +13,18 @@ rule (a leak Critical is never shown next to "ok"), the advice, the caps, the co
 last rule transition; it fits the terminal (80x24 at least) and ends with a timeline of every
 rule transition. Without ``--duration``, a run with faults lasts until the faults have done what
 they do: a fast preview of the same simulation on a fake clock finds when the last rule fires.
+
+Faults: the CDU's (``pump_failure``, ``leak``, ...) go to the CDU model, a GPU's (``xid79:3@30``,
+``ecc_dbe:0@20``, ``row_remap_pending:1@10``: the kinds of ``collectors.cdu_sim.GPU_FAULT_KINDS``)
+to the simulated GPUs, which then raise the events and counters the driver would; the daemon's
+health tracker judges them like real ones, and the view shows each GPU's health, the
+``gpu_health`` pack's advice and, at the end, every GPU event it stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import shutil
 import sys
@@ -29,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import structlog
+
 from agentd.clock import Clock, FakeClock
 from agentd.config import AgentConfig
 from agentd.control import ControlStep
@@ -37,7 +46,8 @@ from agentd.daemon import Daemon, make_controller, open_store
 from agentd.log import setup_logging
 from agentd.service import install_stop_handlers
 from agentd.store import Store
-from collectors.cdu_sim import CduModel, Fault, subscription_for
+from collectors.cdu_sim import CduModel, Fault, is_gpu_kind, subscription_for
+from collectors.gpu_health import FAIL, OK, Judged
 from collectors.sim import SimBackend
 from rules.engine import Event, format_value
 
@@ -60,7 +70,8 @@ _COOLANT_FIELDS = (("supply_temp_c", 9, ".1f"), ("return_temp_c", 9, ".1f"), ("d
 _COOLANT_HEAD = ("loop    " + "".join(h.rjust(w) for h, w in zip(
     ("supply C", "return C", "dT C", "flow L/min", "dP kPa", "pump %", "valve %"), (9, 9, 6, 11, 7, 7, 8)))
     + "  state")
-_GPU_HEAD = "GPU  power W  limit W  temp C  HBM C  energy kJ  util %  SM MHz  throttled"
+_GPU_HEAD = "GPU  power W  limit W  temp C  HBM C  energy kJ  util %  SM MHz  thr  health"
+GPU_EVENTS_MAX = 16  # GPU events listed at the end (the first and last half when more)
 _CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -130,12 +141,27 @@ def demo_config(*, gpus: int, interval_s: float, profile: str, seed: int, state_
     })
 
 
+def split_faults(faults: Sequence[Fault]) -> tuple[list[Fault], list[Fault]]:
+    """``(cdu_faults, gpu_faults)``: the CDU model plays the first, the simulated GPUs the second."""
+    return [f for f in faults if not is_gpu_kind(f.kind)], [f for f in faults if is_gpu_kind(f.kind)]
+
+
+def check_gpu_faults(faults: Sequence[Fault], gpus: int) -> None:
+    """Raise ValueError (naming the fault and the GPUs there are) for a GPU fault whose GPU
+    index this node does not have."""
+    for f in split_faults(faults)[1]:
+        if f.gpu is None or not 0 <= f.gpu < gpus:
+            raise ValueError(f"fault {fault_spec(f)}: there is no GPU {f.target} (the demo runs {gpus} GPUs: "
+                             f"0-{gpus - 1}; the target of a GPU fault is its index)")
+
+
 async def run_daemon(cfg: AgentConfig, model: CduModel, duration_s: float, *, clock: Clock | None = None,
                      on_frame: Callable[[DemoDaemon], None] | None = None,
-                     signals: bool = False) -> DemoDaemon:
-    """Run the demo daemon for ``duration_s`` (on ``clock``: a FakeClock runs it at full speed)."""
+                     signals: bool = False, gpu_faults: Sequence[Fault] = ()) -> DemoDaemon:
+    """Run the demo daemon for ``duration_s`` (on ``clock``: a FakeClock runs it at full speed);
+    ``gpu_faults`` are played by the simulated GPUs."""
     backend = SimBackend(gpus=cfg.sim.gpus, seed=cfg.sim.seed, profile=cfg.sim.profile,
-                         coolant_supply_c=cfg.sim.coolant_supply_c)
+                         coolant_supply_c=cfg.sim.coolant_supply_c, faults=gpu_faults)
     stop = asyncio.Event()
 
     def after_tick(d: DemoDaemon) -> None:
@@ -176,31 +202,44 @@ def plan_duration(cfg: AgentConfig, faults: Sequence[Fault], *, model_kwargs: Ma
     if not faults:
         return DurationPlan(DEFAULT_DURATION_S, "")
     horizon_s = max(f.start_s for f in faults) + PREVIEW_AFTER_S
+    cdu_faults, gpu_faults = split_faults(faults)
     with tempfile.TemporaryDirectory(prefix="agentd-demo-preview-") as tmp:
         preview = cfg.model_copy(update={"interval": max(cfg.interval, PREVIEW_INTERVAL_S), "state_dir": Path(tmp)})
-        model = CduModel(site=cfg.site, unit="cdu-1", seed=cfg.sim.seed, faults=faults, **(model_kwargs or {}))
-        daemon = asyncio.run(run_daemon(preview, model, horizon_s, clock=FakeClock()))
+        model = CduModel(site=cfg.site, unit="cdu-1", seed=cfg.sim.seed, faults=cdu_faults, **(model_kwargs or {}))
+        daemon = asyncio.run(run_daemon(preview, model, horizon_s, clock=FakeClock(), gpu_faults=gpu_faults))
     first: dict[str, float] = {}
+    per_instance: dict[tuple[str, int | None], float] = {}  # a GPU rule fires on each GPU in turn
     for ev in daemon.recent_events:
         if ev.to_state == "firing":
             first.setdefault(ev.rule, ev.at - daemon.started_at)
+            per_instance.setdefault((ev.rule, ev.gpu), ev.at - daemon.started_at)
     specs = ", ".join(fault_spec(f) for f in faults)
     if not first:
         duration = max(DEFAULT_DURATION_S, max(f.start_s for f in faults) + MARGIN_S)
         return DurationPlan(duration, f"running {duration:.0f} s: in a fast preview of this same simulation "
                                       f"({horizon_s:.0f} s), {specs} made no rule fire (--duration S to choose)")
     fired = tuple(sorted(first.items(), key=lambda kv: kv[1]))
-    duration = max(DEFAULT_DURATION_S, math.ceil(fired[-1][1]) + MARGIN_S)
-    what = ", ".join(f"{rule} at {t:.0f} s" for rule, t in fired)
+    duration = max(DEFAULT_DURATION_S, math.ceil(max(per_instance.values())) + MARGIN_S)
+    what = ", ".join(f"{rule} at {_times(rule, per_instance)}" for rule, _ in fired)
     return DurationPlan(duration, f"running {duration:.0f} s, long enough for {specs}: in a fast preview of this "
                                   f"same simulation these rules fire: {what} (then {MARGIN_S:.0f} s more; "
                                   "releases take minutes: --duration S to choose)", fired)
 
 
+def _times(rule: str, per_instance: Mapping[tuple[str, int | None], float]) -> str:
+    """When a rule's instances first fired: ``20 s``, ``20 s and 30 s``, ``20-35 s`` (more)."""
+    times = sorted({round(t) for (r, _), t in per_instance.items() if r == rule})
+    if len(times) == 1:
+        return f"{times[0]} s"
+    if len(times) == 2:
+        return f"{times[0]} s and {times[1]} s"
+    return f"{times[0]}-{times[-1]} s"
+
+
 def fault_spec(f: Fault) -> str:
-    """A fault as it is written on the command line (``leak@10``)."""
-    text = f"{f.kind}@{f.start_s:g}" + (f"+{f.duration_s:g}" if f.duration_s is not None else "")
-    return text + (f":{f.target}" if f.target else "")
+    """A fault as it is written on the command line (``leak@10``, ``xid79:3@30``)."""
+    target = f":{f.target}" if f.target else ""
+    return f"{f.kind}{target}@{f.start_s:g}" + (f"+{f.duration_s:g}" if f.duration_s is not None else "")
 
 
 # -- the view -----------------------------------------------------------------------------------
@@ -268,7 +307,19 @@ def status_rows(daemon: Daemon) -> list[str]:
     advice = ", ".join(f"{k} ({', '.join(v)})" for k, v in sorted(step.evaluation.advice.items()) if v) or "none"
     mode = "dry run: nothing written" if daemon.cfg.dry_run else "limits applied"
     return [f"node state: {state_of(daemon).upper()}   capped GPUs: {_capped(daemon)}/{len(daemon.state.gpus)} "
-            f"({mode})", f"firing: {rules}", f"advice: {advice}"]
+            f"({mode})", f"firing: {rules}", f"advice: {advice}", health_row(daemon)]
+
+
+def health_row(daemon: Daemon) -> str:
+    """The GPUs' health in one line: how many are ok, and each other one with its first reason."""
+    states = daemon.health.tracker.gpus
+    bad = [g for i, g in sorted(states.items()) if g.state != OK]
+    good = len(states) - len(bad)
+    if not bad:
+        return f"GPU health: ok ({good}/{len(states)})" if states else "GPU health: not judged yet"
+    shown = "; ".join(f"GPU {g.index} {g.state.upper()}: {g.reasons[0] if g.reasons else '?'}"
+                      + (f" (+{len(g.reasons) - 1})" if len(g.reasons) > 1 else "") for g in bad)
+    return f"GPU health: {good} ok; {shown}"
 
 
 def gpu_rows(daemon: Daemon, budget: int) -> list[str]:
@@ -278,18 +329,21 @@ def gpu_rows(daemon: Daemon, budget: int) -> list[str]:
     rows = []
     for index in shown:
         s = daemon.state.gpus[index]
+        health = (s.health or "?").upper() if s.health != OK else "ok"
         if not s.healthy:
-            rows.append(f"{index:>3}  unhealthy: {s.error}")
+            rows.append(f"{index:>3}  {health}  unhealthy: {s.error}")
             continue
         rows.append(f"{index:>3}  {_fmt(s.power_w, 7, '.1f')}  {_fmt(s.limit_w, 7, '.1f')}  {_fmt(s.temp_c, 6, '.1f')}"
                     f"  {_fmt(s.mem_temp_c, 5, '.1f')}  {_fmt((s.energy_j or 0) / 1000, 9, '.2f')}  "
-                    f"{_fmt(s.util_pct, 6, '.1f')}  {_fmt(s.sm_clock_mhz, 6, '.0f')}  {'yes' if s.throttled else 'no'}")
+                    f"{_fmt(s.util_pct, 6, '.1f')}  {_fmt(s.sm_clock_mhz, 6, '.0f')}  "
+                    f"{'yes' if s.throttled else 'no ':<3}  {health}")
     rest = [daemon.state.gpus[i] for i in indexes[len(shown):]]
     if rest:
         good = [s for s in rest if s.healthy]
         hottest = max((s.temp_c for s in good if s.temp_c is not None), default=None)
+        failed = sum(1 for s in rest if s.health == FAIL)
         rows.append(f"  + GPUs {rest[0].index}-{rest[-1].index}: {sum(s.power_w or 0 for s in good):.0f} W, "
-                    f"hottest {_fmt(hottest, 0, '.1f')} C, {len(rest) - len(good)} unhealthy")
+                    f"hottest {_fmt(hottest, 0, '.1f')} C, {len(rest) - len(good)} unhealthy, {failed} failed")
     return rows
 
 
@@ -390,21 +444,49 @@ def timeline(events: Iterable[Event], t0: float, *, width: int = 80, limit: int 
     return [clip(line, width) for line in ["timeline (rule transitions, t = seconds since the start):", *lines]]
 
 
-def summary(daemon: DemoDaemon, state_dir: Path) -> str:
-    """What the run produced, read back from the store the daemon wrote."""
+def gpu_event_lines(events: Iterable[Judged], t0_ns: int, *, width: int = 80, limit: int = GPU_EVENTS_MAX) -> list[str]:
+    """The GPU events (Xid, ECC, lost / recovered, health changes) as ``t= s  GPU n  kind ...``,
+    ``t0_ns`` the wall clock of the start; nothing when there were none."""
+    lines = []
+    for ev in events:
+        action = f" ({ev.action_source}: {ev.action})" if ev.action not in (None, "none") else ""
+        what = "" if ev.kind in ("xid", "health") else f"{ev.kind}: "  # their messages start with it
+        t_s = (ev.ts_ns - t0_ns) / 1e9
+        lines.append(f"  t={t_s:6.1f} s  GPU {ev.gpu}  {ev.severity}{action}  {what}{ev.message}")
+    if not lines:
+        return []
+    if len(lines) > limit:
+        half = limit // 2
+        lines = [*lines[:half], f"  ... {len(lines) - 2 * half} more (every one is stored as a gpu_event point)",
+                 *lines[-half:]]
+    return [clip(line, width) for line in ["GPU events (stored as gpu_event points):", *lines]]
+
+
+def summary(daemon: DemoDaemon, state_dir: Path) -> tuple[str, str]:
+    """What the run produced, read back from the store the daemon wrote: the run and the rules'
+    side, then the GPU health side."""
     samples = [s for s in daemon.state.gpus.values() if s.healthy]
     energy_kj = sum((s.energy_j or 0.0) for s in samples) / 1000
     peak_c = max((s.temp_c or 0.0) for s in samples) if samples else float("nan")
     store = Store(Path(state_dir) / "store.sqlite", max_bytes=daemon.cfg.store.max_bytes)
     try:
-        counts = {m: len(store.query(measurement=m)) for m in ("gpu", "coolant", "agent", "throttle_event")}
+        counts = {m: len(store.query(measurement=m))
+                  for m in ("gpu", "coolant", "agent", "throttle_event", "gpu_health", "gpu_event")}
     finally:
         store.close()
     return (f"summary: {daemon.stats.ticks} ticks, {len(samples)} GPUs, {energy_kj:.1f} kJ drawn, "
             f"hottest GPU {peak_c:.1f} C, node state at the end: {state_of(daemon)}; "
             f"the store holds {counts['gpu']} gpu points, {counts['coolant']} coolant points, "
             f"{counts['agent']} agent points and {counts['throttle_event']} throttle_event points "
-            f"({daemon.stats.ticks_missed} ticks missed)")
+            f"({daemon.stats.ticks_missed} ticks missed)"), health_summary(daemon, counts)
+
+
+def health_summary(daemon: Daemon, counts: Mapping[str, int]) -> str:
+    """The GPUs' health at the end and what the health tracker stored."""
+    states = [g.state for g in daemon.health.tracker.gpus.values()]
+    health = ", ".join(f"{states.count(st)} {st}" for st in ("ok", "warn", "fail") if st in states) or "not judged"
+    return (f"GPU health at the end: {health}; the store holds {counts['gpu_health']} gpu_health points and "
+            f"{counts['gpu_event']} gpu_event points")
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -424,6 +506,8 @@ def run_demo(*, duration_s: float | None, gpus: int, interval_s: float, profile:
         raise ValueError(f"duration_s must be > 0 (got: {duration_s})")
     out = out or sys.stdout
     faults = faults or []
+    check_gpu_faults(faults, gpus)
+    cdu_faults, gpu_faults = split_faults(faults)
     live = out.isatty()
     width, height = size or tuple(shutil.get_terminal_size((80, 24)))
     # Live, the view shows every transition: log lines on the same terminal would tear it.
@@ -432,7 +516,9 @@ def run_demo(*, duration_s: float | None, gpus: int, interval_s: float, profile:
             state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="agentd-demo-")))
         cfg = demo_config(gpus=gpus, interval_s=interval_s, profile=profile, seed=seed, state_dir=state_dir)
         if duration_s is None:
-            setup_logging("error", json=False, stream=sys.stderr)  # the preview's rule warnings are not news
+            # The preview's log lines (rule warnings, the GPU faults' errors) are not news: the run
+            # itself says them again. setup_logging below configures the run's logging.
+            structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
             plan = plan_duration(cfg, faults, model_kwargs=model_kwargs)
             duration_s = plan.duration_s
             if plan.reason:
@@ -451,10 +537,16 @@ def run_demo(*, duration_s: float | None, gpus: int, interval_s: float, profile:
                 out.write(render(d, run_for, width=width, height=height) + "\n\n")
             out.flush()
 
-        model = CduModel(site=cfg.site, unit="cdu-1", seed=seed, faults=faults, **(model_kwargs or {}))
+        model = CduModel(site=cfg.site, unit="cdu-1", seed=seed, faults=cdu_faults, **(model_kwargs or {}))
         daemon = asyncio.run(run_daemon(cfg, model, duration_s, clock=clock, on_frame=frame,
-                                        signals=clock is None))
-        out.write("\n" + textwrap.fill(summary(daemon, state_dir), width, subsequent_indent="  ") + "\n")
+                                        signals=clock is None, gpu_faults=gpu_faults))
+        for part in summary(daemon, state_dir):
+            out.write(("\n" if part.startswith("summary") else "") +
+                      textwrap.fill(part, width, subsequent_indent="  ") + "\n")
         out.write("\n".join(timeline(daemon.recent_events, daemon.started_at, width=width)) + "\n")
+        t0_ns = daemon.clock.wall_ns() - round(daemon.elapsed_s * 1e9)  # the wall clock at the start
+        events = gpu_event_lines(daemon.health.recent, t0_ns, width=width)
+        if events:
+            out.write("\n".join(events) + "\n")
         out.flush()
     return daemon

@@ -69,14 +69,33 @@ def gpu_info_point(host: str, info: GpuInfo, ts_ns: int, *, healthy: bool | None
 
 
 @dataclass(slots=True)
+class Cadence:
+    """When a slow-cadence point is due: at the first call, then every ``every_s``, and at once
+    when the caller says something changed (which restarts the period). ``GpuInfoWriter``
+    and ``agentd.health.HealthMonitor`` both keep time with it."""
+
+    every_s: float = EVERY_S
+    _next_at: float | None = None
+
+    def due(self, now: float, changed: bool = False) -> bool:
+        if not changed and self._next_at is not None and now < self._next_at:
+            return False
+        self._next_at = now + self.every_s
+        return True
+
+
+@dataclass(slots=True)
 class GpuInfoWriter:
     """When to write ``gpu_info``: at the first call, every ``every_s`` after it, and at once when
     a GPU's health changes. ``lines`` is what the daemon's tick calls (one line of wiring)."""
 
     host: str
     every_s: float = EVERY_S
-    _next_at: float | None = None
+    _cadence: Cadence = field(init=False)
     _health: dict[int, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._cadence = Cadence(self.every_s)
 
     def lines(self, infos: Mapping[int, GpuInfo], samples: Iterable[GpuSample] | None, now_mono: float,
               ts_ns: int) -> list[tuple[int, str]]:
@@ -85,9 +104,8 @@ class GpuInfoWriter:
         health = {s.index: s.healthy for s in samples or ()}
         errors = {s.index: s.error for s in samples or ()}
         changed = any(self._health.get(i) != ok for i, ok in health.items())
-        if not changed and self._next_at is not None and now_mono < self._next_at:
+        if not self._cadence.due(now_mono, changed):
             return []
-        self._next_at = now_mono + self.every_s
         self._health.update(health)
         out: list[tuple[int, str]] = []
         for index in sorted(infos):

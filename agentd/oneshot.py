@@ -88,6 +88,9 @@ class ReadOnlyBackend:
     def drain_events(self) -> list[BackendEvent]:
         return self._backend.drain_events()
 
+    def event_stats(self) -> dict[str, int]:
+        return self._backend.event_stats()
+
     def close(self) -> None:
         self._backend.close()
 

@@ -110,3 +110,67 @@ def node_power_point(host: str, site: str, domain: str | None, ts_ns: int, *, gp
     for reason, count in refused.items():
         fields[f"lease_refused_{reason}"] = count
     return Point("node_power", tags, fields, ts_ns)
+
+
+def gpu_event_point(host: str, ts_ns: int, *, gpu: int, uuid: str, model: str, kind: str, message: str,
+                    severity: str, xid: int | None = None, action: str | None = None,
+                    action_source: str | None = None, count: int = 1) -> Point:
+    """The ``gpu_event`` measurement: something that happened to one GPU (``kind``: ``xid``,
+    ``ecc_dbe``, ``ecc_sbe``, ``recovery_action``, ``gpu_lost``, ``gpu_recovered``, the health
+    tracker's ``counter_reset`` and ``health``, ...).
+
+    Tags as ``gpu`` plus ``kind`` (a handful of values); ``xid`` is a field (an Xid number names
+    no series). ``action`` is the recommended action that decided (``none``, ``reset_gpu``,
+    ``drain_node``, or the driver's own), ``action_source`` whose it is (``driver`` or
+    ``catalogue``). ``count``: events of the same GPU, kind, Xid and action drained in one tick
+    are one point (a flood of thousands a second stays a point a tick); ``message`` is the
+    first one's.
+    """
+    return Point("gpu_event", {"host": host, "gpu": str(gpu), "uuid": uuid, "model": model, "kind": kind},
+                 {"xid": xid, "message": message, "action": action, "action_source": action_source,
+                  "severity": severity, "count": count},
+                 ts_ns)
+
+
+# Field names of the ``gpu_health`` counters (and the driver's recommended action), as on ``GpuSample``.
+HEALTH_COUNTER_FIELDS = ("ecc_sbe_volatile", "ecc_dbe_volatile", "ecc_sbe_aggregate", "ecc_dbe_aggregate",
+                         "retired_pages_sbe", "retired_pages_dbe", "retired_pages_pending",
+                         "remap_correctable_rows", "remap_uncorrectable_rows", "remap_pending", "remap_failure",
+                         "pcie_replay", "recovery_action", "throttle_power_ns", "throttle_thermal_ns",
+                         "throttle_board_limit_ns", "throttle_reliability_ns")
+
+
+def gpu_health_point(sample: GpuSample, host: str, *, state: str, level: int, reasons: str) -> Point:
+    """The ``gpu_health`` measurement: one GPU's health (``state`` ok / warn / fail, ``level``
+    0 / 1 / 2 for alerting and graphs, ``reasons`` "; "-joined, empty when ok), the health
+    counters it last reported and the driver's ``recovery_action`` (each absent when the device
+    does not support it; none on an unreadable GPU, whose sample carries no values).
+
+    NVLink counters are summed over the links (``nvlink_crc_errors`` = CRC flit + CRC data
+    errors, ``nvlink_replay_errors``, ``nvlink_recovery_errors``), and a link with errors also
+    gets its own fields (``nvlink<N>_crc_errors`` ...): 18 links x 3 counters of zeros in every
+    point would say nothing, and the link that misbehaves is what an SRE needs to know.
+    """
+    fields: dict[str, FieldValue] = {"state": state, "level": level, "reasons": reasons,
+                                     "xid_last": sample.xid_last}
+    for name in HEALTH_COUNTER_FIELDS:
+        fields[name] = getattr(sample, name)
+    links = sample.nvlink
+    if links:
+        totals: dict[str, int | None] = {"crc": None, "replay": None, "recovery": None}
+        for link in links:
+            counts = {"crc": _sum(link.crc_flit, link.crc_data), "replay": link.replay, "recovery": link.recovery}
+            for name, value in counts.items():
+                if value is None:
+                    continue
+                totals[name] = (totals[name] or 0) + value
+                if value:
+                    fields[f"nvlink{link.link}_{name}_errors"] = value
+        for name, value in totals.items():
+            fields[f"nvlink_{name}_errors"] = value
+    return Point("gpu_health", {"host": host, "gpu": str(sample.index), "uuid": sample.uuid, "model": sample.model},
+                 fields, sample.ts_ns)
+
+
+def _sum(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)

@@ -33,7 +33,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from collectors.durations import parse_duration_s
+
 FAULT_KINDS = ("pump_failure", "hot_facility", "leak", "dropout", "bad_quality", "garbage")
+# Faults of one simulated GPU (collectors.sim.SimBackend plays them; the target is a GPU index):
+# ``xid<N>`` (an Xid event; xid79 also makes the GPU fall off the bus), ``ecc_dbe`` (an
+# uncorrectable ECC error), ``ecc_sbe`` (corrected errors rising fast), ``row_remap_pending``,
+# ``row_remap_failure``. A duration ends the fault as a GPU reset would.
+GPU_FAULT_KINDS = ("xid<N>", "ecc_dbe", "ecc_sbe", "row_remap_pending", "row_remap_failure")
+_XID_KIND_RE = re.compile(r"^xid([1-9][0-9]{0,3})$")
 FORMATS = ("json", "value", "influx")
 C_KJ_PER_L_K = 4.0  # volumetric heat capacity of the coolant, kJ/(L K)
 DESIGN_LOAD_W = 100_000.0
@@ -79,37 +87,64 @@ class Fault:
     kind: str
     start_s: float = 0.0
     duration_s: float | None = None
-    target: str | None = None  # dropout: a loop (facility/tcs) or a field name; default tcs
+    # dropout: a loop (facility/tcs) or a field name, default tcs; a GPU fault: the GPU index
+    target: str | None = None
 
     def active(self, t_s: float) -> bool:
         return t_s >= self.start_s and (self.duration_s is None or t_s < self.start_s + self.duration_s)
 
+    @property
+    def gpu(self) -> int | None:
+        """The GPU index of a GPU fault (None for a CDU fault)."""
+        return int(self.target) if is_gpu_kind(self.kind) and self.target is not None else None
 
-_FAULT_RE = re.compile(r"^(?P<kind>[a-z_]+)(?:@(?P<start>[0-9.]+[smh]?))?(?:\+(?P<dur>[0-9.]+[smh]?))?"
-                       r"(?::(?P<target>[a-z_]+))?$")
+    @property
+    def xid(self) -> int | None:
+        """The Xid of an ``xid<N>`` fault."""
+        m = _XID_KIND_RE.match(self.kind)
+        return int(m.group(1)) if m else None
 
 
-def _secs(text: str) -> float:
-    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1], 1.0)
-    return float(text.rstrip("smh")) * scale
+def is_gpu_kind(kind: str) -> bool:
+    """True for the kinds a simulated GPU plays (``GPU_FAULT_KINDS``), False for the CDU's."""
+    return kind in GPU_FAULT_KINDS or _XID_KIND_RE.match(kind) is not None
+
+
+# KIND[:TARGET][@START][+DURATION], or the older KIND[@START][+DURATION][:TARGET]
+_FAULT_RE = re.compile(r"^(?P<kind>[a-z][a-z0-9_]*)(?::(?P<target>[a-z0-9_]+))?"
+                       r"(?:@(?P<start>[^@+:]+))?(?:\+(?P<dur>[^@+:]+))?(?::(?P<target_after>[a-z0-9_]+))?$")
 
 
 def parse_fault(spec: str) -> Fault:
-    """``KIND[@START][+DURATION][:TARGET]``, e.g. ``pump_failure@30``, ``leak@60+120``,
-    ``dropout@10+20:facility``, ``garbage``. Raises ValueError saying what is accepted."""
+    """``KIND[:TARGET][@START][+DURATION]`` (the older ``KIND[@START][+DURATION][:TARGET]`` too),
+    e.g. ``pump_failure@30``, ``leak@60+120``, ``dropout:facility@10+20``, ``garbage``, and the
+    GPU faults ``xid79:3@30`` (GPU 3 at 30 s), ``ecc_dbe:0@20``, ``row_remap_pending:1@10+60``.
+    START and DURATION are seconds or a duration (``30``, ``30s``, ``2m``). Raises ValueError
+    saying what is accepted."""
     m = _FAULT_RE.match(spec.strip())
-    if not m or m.group("kind") not in FAULT_KINDS:
-        raise ValueError(f"fault {spec!r}: expected KIND[@START_S][+DURATION_S][:TARGET] with KIND one of "
-                         f"{', '.join(FAULT_KINDS)} (for example pump_failure@30 or leak@60+120)")
+    kind = m.group("kind") if m else None
+    if m is None or kind is None or not (kind in FAULT_KINDS or is_gpu_kind(kind)):
+        raise ValueError(f"fault {spec!r}: expected KIND[:TARGET][@START][+DURATION] with KIND one of "
+                         f"{', '.join(FAULT_KINDS)} (the CDU's; TARGET only for dropout: a loop or a field) "
+                         f"or {', '.join(GPU_FAULT_KINDS)} (one GPU's; TARGET is the GPU index), for "
+                         "example pump_failure@30, leak@60+120, xid79:3@30 or ecc_dbe:0@20")
     try:
-        start = _secs(m.group("start")) if m.group("start") else 0.0
-        dur = _secs(m.group("dur")) if m.group("dur") else None
+        start = parse_duration_s(m.group("start")) if m.group("start") else 0.0
+        dur = parse_duration_s(m.group("dur")) if m.group("dur") else None
     except ValueError:
-        raise ValueError(f"fault {spec!r}: start and duration are seconds (30, 30s, 2m)") from None
-    target = m.group("target")
-    if target and m.group("kind") != "dropout":
-        raise ValueError(f"fault {spec!r}: only dropout takes a :TARGET (a loop or a field)")
-    return Fault(m.group("kind"), start, dur, target)
+        raise ValueError(f"fault {spec!r}: start and duration are seconds or a duration (30, 30s, 2m)") from None
+    if m.group("target") and m.group("target_after"):
+        raise ValueError(f"fault {spec!r}: give the :TARGET once (KIND:TARGET@START+DURATION)")
+    target = m.group("target") or m.group("target_after")
+    if is_gpu_kind(kind):
+        if target is None or not target.isdigit():
+            raise ValueError(f"fault {spec!r}: a GPU fault ({', '.join(GPU_FAULT_KINDS)}) needs the GPU index "
+                             f"as its target, e.g. {kind}:3@30 for GPU 3 at 30 s")
+        target = str(int(target))
+    elif target and kind != "dropout":
+        raise ValueError(f"fault {spec!r}: only dropout (a loop or a field) and the GPU faults "
+                         f"({', '.join(GPU_FAULT_KINDS)}: a GPU index) take a :TARGET")
+    return Fault(kind, start, dur, target)
 
 
 class CduModel:

@@ -13,17 +13,36 @@ A site simulation gives each GPU its own demand curve instead of a profile (``de
 costs in clock speed (``speed_fn``: ``(limit_w, demand_w) -> fraction of full speed``), so the
 clocks a capped GPU reports (what a node's demand estimate reads) follow the same model that
 scores the run.
+
+Health: every sample carries the health counters a healthy Hopper board reports (ECC counts
+zero, no remap pending or failed, PCIe replays zero, 18 NVLinks without errors; no retired pages,
+which Ampere and later replaced by row remapping), so the daemon's health tracker says ``ok``.
+GPU faults (``faults``: ``collectors.cdu_sim.Fault`` of the kinds in ``GPU_FAULT_KINDS``, each on
+one GPU) play what the driver would show:
+
+* ``xid<N>``: an ``xid`` event at the start; ``xid79`` (fallen off the bus) then makes the GPU
+  unreadable (unhealthy samples and a ``gpu_lost`` event, as NvmlBackend gives for GPU_IS_LOST);
+* ``ecc_dbe``: an uncorrectable error: the volatile and aggregate DBE counts rise, a row remap is
+  pending, and ``ecc_dbe``, Xid 48 and Xid 63 events arrive;
+* ``ecc_sbe``: corrected errors rise by ``SBE_PER_S`` a second, with an ``ecc_sbe`` event a tick;
+* ``row_remap_pending`` (with Xid 63) and ``row_remap_failure``: the flags are set.
+
+A fault with a duration ends as a GPU reset would: the GPU reads again (``gpu_recovered``), the
+volatile ECC counts restart at zero and the pending remap is done (the end of a
+``row_remap_failure`` stands for a serviced board). Faults are played on the
+``ts_ns`` of ``sample`` (seconds since the first sample), so they are as deterministic as the rest.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from collectors.base import BackendEvent, GpuInfo, GpuSample
+from collectors.base import BackendEvent, GpuInfo, GpuSample, NvlinkErrors
+from collectors.cdu_sim import GPU_FAULT_KINDS, Fault, is_gpu_kind
 
 Profile = Literal["idle", "training", "inference"]
 DemandFn = Callable[[int, int], float]  # (gpu index, ts_ns) -> W the GPU would draw uncapped
@@ -43,6 +62,9 @@ _REASON_IDLE = 0x1
 _REASON_SW_POWER_CAP = 0x4
 _REASON_HW_SLOWDOWN = 0x8
 _REASON_SW_THERMAL = 0x20
+NVLINKS = 18  # an H100 / H200 SXM board
+SBE_PER_S = 10.0  # corrected ECC errors a second during an ecc_sbe fault
+_CLEAN_LINKS = tuple(NvlinkErrors(k, 0, 0, 0, 0) for k in range(NVLINKS))  # immutable, shared
 
 
 @dataclass(slots=True)
@@ -55,6 +77,26 @@ class _SimGpu:
     energy_j: float = 0.0
     burst_until_s: float = 0.0
     burst_w: float = 0.0
+    # health counters, as NVML reports them (see the module docstring)
+    sbe_volatile: float = 0.0
+    dbe_volatile: int = 0
+    sbe_aggregate: float = 0.0
+    dbe_aggregate: int = 0
+    remap_correctable: int = 0
+    remap_uncorrectable: int = 0
+    remap_pending: bool = False
+    remap_failure: bool = False
+    lost: str | None = None  # why, while the GPU has fallen off the bus
+
+
+@dataclass(slots=True)
+class _FaultRun:
+    """One GPU fault and how far it has been played."""
+
+    fault: Fault
+    gpu: int
+    started: bool = False
+    ended: bool = False
 
 
 class SimBackend:
@@ -62,9 +104,19 @@ class SimBackend:
 
     def __init__(self, gpus: int = 8, seed: int = 1, profile: Profile = "training",
                  coolant_supply_c: float = 30.0, model: str = "Simulated H200",
-                 demand_fn: DemandFn | None = None, speed_fn: SpeedFn | None = None) -> None:
+                 demand_fn: DemandFn | None = None, speed_fn: SpeedFn | None = None,
+                 faults: Sequence[Fault] = ()) -> None:
         if gpus < 1:
             raise ValueError("gpus must be at least 1")
+        for f in faults:
+            if not is_gpu_kind(f.kind):
+                raise ValueError(f"fault {f.kind!r} is not a GPU fault (those are {', '.join(GPU_FAULT_KINDS)}); "
+                                 "CDU faults go to collectors.cdu_sim.CduModel")
+            if f.gpu is None or not 0 <= f.gpu < gpus:
+                raise ValueError(f"fault {f.kind}:{f.target}: no GPU {f.target} on this node of {gpus} GPUs "
+                                 f"(the target is a GPU index, 0-{gpus - 1})")
+        self._faults = [_FaultRun(f, f.gpu) for f in faults if f.gpu is not None]
+        self._events: list[BackendEvent] = []
         self.demand_fn = demand_fn  # replaces the profile when set
         self.speed_fn = speed_fn
         self.profile: Profile = profile
@@ -92,14 +144,84 @@ class SimBackend:
             self._gpus.append(_SimGpu(info=info, rng=rng, limit_w=MAX_W,
                                       temp_c=self.coolant_supply_c + IDLE_W * THERMAL_R_C_PER_W))
         self._last_ts_ns = None
+        self._start_ts_ns = None
+        self._events = []
+        for run in self._faults:
+            run.started = run.ended = False
         return [g.info for g in self._gpus]
 
     def close(self) -> None:
         """Nothing to release; kept for the interface."""
 
     def drain_events(self) -> list[BackendEvent]:
-        """Simulated GPUs never fail on their own."""
-        return []
+        """The events the GPU faults raised since the last call (simulated GPUs never fail on
+        their own)."""
+        events, self._events = self._events, []
+        return events
+
+    def event_stats(self) -> dict[str, int]:
+        """Nothing to count: the simulated faults raise their events directly, unbounded by a
+        queue (the ``agent`` point's ``gpu_events`` counts them)."""
+        return {}
+
+    def _play_faults(self, t_s: float, dt_s: float, ts_ns: int) -> None:
+        """Start, continue and end the GPU faults at ``t_s`` seconds since the first sample."""
+        for run in self._faults:
+            f, gpu = run.fault, self._gpus[run.gpu]
+            if run.ended or t_s < f.start_s:
+                continue
+            if not run.started:
+                run.started = True
+                self._start_fault(run, gpu, ts_ns)
+            elif f.kind == "ecc_sbe" and f.active(t_s):
+                self._corrected(gpu, SBE_PER_S * dt_s, ts_ns)
+            if not f.active(t_s):
+                run.ended = True
+                self._end_fault(run, gpu, ts_ns)
+
+    def _event(self, gpu: _SimGpu, ts_ns: int, kind: str, message: str, xid: int | None = None) -> None:
+        self._events.append(BackendEvent(ts_ns, gpu.info.index, kind, message, xid=xid))
+
+    def _corrected(self, gpu: _SimGpu, count: float, ts_ns: int) -> None:
+        gpu.sbe_volatile += count
+        gpu.sbe_aggregate += count
+        self._event(gpu, ts_ns, "ecc_sbe", f"corrected ECC errors on GPU {gpu.info.index} (simulated)")
+
+    def _start_fault(self, run: _FaultRun, gpu: _SimGpu, ts_ns: int) -> None:
+        f, i = run.fault, gpu.info.index
+        if f.xid is not None:
+            self._event(gpu, ts_ns, "xid", f"simulated Xid {f.xid} on GPU {i}", xid=f.xid)
+            if f.xid == 79:
+                gpu.lost = "GPU has fallen off the bus (simulated Xid 79)"
+                self._event(gpu, ts_ns, "gpu_lost", f"GPU {i} ({gpu.info.uuid}) cannot be read: {gpu.lost}")
+        elif f.kind == "ecc_dbe":
+            gpu.dbe_volatile += 1
+            gpu.dbe_aggregate += 1
+            gpu.remap_uncorrectable += 1
+            gpu.remap_pending = True
+            self._event(gpu, ts_ns, "ecc_dbe", f"uncorrectable ECC error on GPU {i} (simulated)")
+            self._event(gpu, ts_ns, "xid", f"simulated Xid 48 on GPU {i}", xid=48)
+            self._event(gpu, ts_ns, "xid", f"simulated Xid 63 on GPU {i}", xid=63)
+        elif f.kind == "ecc_sbe":
+            self._corrected(gpu, SBE_PER_S, ts_ns)
+        elif f.kind == "row_remap_pending":
+            gpu.remap_correctable += 1
+            gpu.remap_pending = True
+            self._event(gpu, ts_ns, "xid", f"simulated Xid 63 on GPU {i}", xid=63)
+        elif f.kind == "row_remap_failure":
+            gpu.remap_failure = True
+
+    def _end_fault(self, run: _FaultRun, gpu: _SimGpu, ts_ns: int) -> None:
+        """The fault's end: what a GPU reset leaves (the volatile ECC counts restart at zero, the
+        pending remap is done); a remap failure's end stands for a serviced board."""
+        if gpu.lost is not None:
+            gpu.lost = None
+            self._event(gpu, ts_ns, "gpu_recovered", f"GPU {gpu.info.index} ({gpu.info.uuid}) reads again")
+        gpu.sbe_volatile = 0.0
+        gpu.dbe_volatile = 0
+        gpu.remap_pending = False
+        if run.fault.kind == "row_remap_failure":
+            gpu.remap_failure = False
 
     def set_power_limit(self, index: int, limit_w: float) -> None:
         """Refuses what NvmlBackend refuses, with the same exception types: ValueError for an
@@ -136,6 +258,8 @@ class SimBackend:
         dt_s = 0.0 if self._last_ts_ns is None else max(0.0, (ts_ns - self._last_ts_ns) / 1e9)
         self._last_ts_ns = ts_ns
         t_s = (ts_ns - self._start_ts_ns) / 1e9
+        if self._faults:
+            self._play_faults(t_s, dt_s, ts_ns)
         out = []
         demand_fn = self.demand_fn
         for gpu in self._gpus:
@@ -165,6 +289,10 @@ class SimBackend:
             util = min(100.0, max(0.0, 100.0 * (demand - IDLE_W) / (MAX_W - IDLE_W)))
             busy = self.profile != "idle" if demand_fn is None else demand >= IDLE_W * 1.5
             info = gpu.info
+            if gpu.lost is not None:  # fallen off the bus: nothing answers (its physics go on unseen)
+                out.append(GpuSample(index=info.index, uuid=info.uuid, model=info.model, ts_ns=ts_ns,
+                                     healthy=False, error=gpu.lost))
+                continue
             out.append(GpuSample(
                 index=info.index, uuid=info.uuid, model=info.model, ts_ns=ts_ns,
                 power_w=round(power, 3), power_avg_w=round(power, 3), energy_j=round(gpu.energy_j, 3),
@@ -175,5 +303,10 @@ class SimBackend:
                 mem_max_c=info.mem_max_c, util_pct=round(util, 1), mem_util_pct=round(util * 0.6, 1),
                 mem_used_bytes=int(80e9 if busy else 1e9),
                 sm_clock_mhz=round(clock, 0), clock_reasons=reasons,
+                ecc_sbe_volatile=int(gpu.sbe_volatile), ecc_dbe_volatile=gpu.dbe_volatile,
+                ecc_sbe_aggregate=int(gpu.sbe_aggregate), ecc_dbe_aggregate=gpu.dbe_aggregate,
+                remap_correctable_rows=gpu.remap_correctable, remap_uncorrectable_rows=gpu.remap_uncorrectable,
+                remap_pending=gpu.remap_pending, remap_failure=gpu.remap_failure, nvlink=_CLEAN_LINKS,
+                pcie_replay=0,
             ))
         return out

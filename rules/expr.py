@@ -60,6 +60,7 @@ class Signal:
 
 
 LEAK_STATES = ("OK", "Warning", "Critical", "Unavailable", "Absent")
+HEALTH_STATES = ("ok", "warn", "fail")  # collectors.gpu_health (rules does not import collectors)
 COOLANT_LOOPS = ("facility", "tcs")
 GPU_FIELDS: dict[str, tuple[str, str]] = {
     "power_w": (NUMBER, "instantaneous board power, W"),
@@ -77,7 +78,18 @@ GPU_FIELDS: dict[str, tuple[str, str]] = {
     "util_pct": (NUMBER, "GPU utilisation, %"),
     "sm_clock_mhz": (NUMBER, "SM clock, MHz"),
     "throttled": (BOOL, "clocks held down (power cap, thermal, power brake)"),
+    # GPU health (collectors.gpu_health annotates the sample before the rules run; the counters
+    # are the last values read, so they are known between two reads)
+    "health": (STRING, "GPU health judged from Xid events and health counters: ok / warn / fail"),
+    "xid_last": (NUMBER, "the last Xid seen on the GPU since the daemon started"),
+    "ecc_dbe_volatile": (NUMBER, "uncorrectable ECC errors since the last driver load or GPU reset"),
+    "ecc_sbe_volatile": (NUMBER, "corrected ECC errors since the last driver load or GPU reset"),
+    "remap_pending": (BOOL, "a row remap waits for the next GPU reset"),
+    "remap_failure": (BOOL, "a row remap failed: the GPU has no spare rows left"),
+    "pcie_replay": (NUMBER, "PCIe replay counter"),
 }
+# The allowed values of the string GPU signals (a literal outside them is a load error).
+GPU_FIELD_VALUES: dict[str, tuple[str, ...]] = {"health": HEALTH_STATES}
 COOLANT_FIELDS: dict[str, str] = {
     "supply_temp_c": "supply temperature, C",
     "return_temp_c": "return temperature, C",
@@ -93,7 +105,7 @@ COOLANT_FIELDS: dict[str, str] = {
 def _build_registry() -> dict[str, Signal]:
     reg: dict[str, Signal] = {}
     for f, (typ, doc) in GPU_FIELDS.items():
-        reg[f"gpu.{f}"] = Signal(f"gpu.{f}", typ, "gpu", f, doc=doc)
+        reg[f"gpu.{f}"] = Signal(f"gpu.{f}", typ, "gpu", f, GPU_FIELD_VALUES.get(f, ()), doc=doc)
     for loop in COOLANT_LOOPS:
         for f, doc in COOLANT_FIELDS.items():
             name = f"coolant.{loop}.{f}"

@@ -200,7 +200,7 @@ def _signal_type(name: str, where: str) -> tuple[str, str, tuple[str, ...]]:
         key = name[4:] if name.startswith("gpu.") else name
         if key not in GPU_FIELDS:
             raise ValueError(f"unknown GPU signal {name!r} (one of {', '.join(GPU_FIELDS)})")
-        return key, GPU_FIELDS[key][0], ()
+        return key, GPU_FIELDS[key][0], SIGNALS[f"gpu.{key}"].values
     sig = SIGNALS.get(name)
     if sig is None or sig.where != "node":
         raise ValueError(f"unknown node signal {name!r} (coolant.<loop>.<field>, coolant.leak, "

@@ -91,6 +91,16 @@ tests:
     assert res.exit_code == 2
     assert "tests[0].series.node.coolant.leek: unknown node signal" in res.output
     assert "'Leaking' is not a value of this signal" in res.output
+    f.write_text(f"""
+rule_files: [{Path('rules/packs/gpu_health.yaml').resolve()}]
+tests:
+  - name: x
+    series: {{gpu: {{all: {{health: "ok failed"}}}}}}
+    expect: [{{at: 10s}}]
+""")
+    res = run("test", str(f))
+    assert res.exit_code == 2  # a GPU signal's values are checked as a node signal's are
+    assert "'failed' is not a value of this signal" in res.output
 
 
 def test_check_reports_every_error_and_exits_2(tmp_path):
