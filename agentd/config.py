@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from collectors.durations import parse_duration_s  # noqa: F401  (agentd.config.parse_duration_s is public)
+from agentd.api.config import ApiConfig
 from agentd.site.config import BudgetConfig
 from agentd.site.controller_config import ControllerConfig
 from collectors.jobs import JobsConfig
@@ -43,10 +44,7 @@ RESERVED_ENV: dict[str, str] = {
     "AGENTD_SIM_MQTT_PASSWORD": "the old name of `agentd sim cdu`'s broker password (now CDU_SIM_MQTT_PASSWORD)",
 }
 # Keys a later version serves: a value set for one is refused with this reason, not "unknown key".
-NOT_AVAILABLE: dict[str, str] = {
-    "api": "the throttle API (api.listen) is not available in this version of agentd; remove the [api] "
-           "section (or the AGENTD_API__* variable)",
-}
+NOT_AVAILABLE: dict[str, str] = {}
 
 
 class _Section(BaseModel):
@@ -321,6 +319,7 @@ class AgentConfig(_Section):
     budget: BudgetConfig = BudgetConfig()
     controller: ControllerConfig = ControllerConfig()
     jobs: JobsConfig = JobsConfig()
+    api: ApiConfig = ApiConfig()
 
     @property
     def node_name(self) -> str:
@@ -719,6 +718,18 @@ def preflight(cfg: AgentConfig, source: str, environ: Mapping[str, str] | None =
         try:
             make_node_site(cfg.model_copy(update={"budget": cfg.budget.model_copy(
                 update={"site_key_file": None, "allow_unsigned": True})}) if unseen_key else cfg)
+        except ConfigError as exc:
+            errors += [f"{source}: {line}" for line in exc.errors]
+    api = cfg.api
+    if api.token_credential is not None and not environ.get("CREDENTIALS_DIRECTORY"):
+        notes.append(f"{source}: api.token_credential: {CREDENTIAL_NOTE} (got: {api.token_credential!r})")
+    elif api.token_file is not None and _unseen_credential(api.token_file, environ):
+        notes.append(f"{source}: api.token_file: {CREDENTIAL_NOTE} (got: {str(api.token_file)!r})")
+    elif api.has_token:
+        from agentd.api.auth import load_token
+
+        try:
+            load_token(api, environ)
         except ConfigError as exc:
             errors += [f"{source}: {line}" for line in exc.errors]
     problem = _state_dir_problem(Path(cfg.state_dir))

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 
 from collectors.base import GpuSample
 from collectors.coolant import LEAK_RANK
-from rules.actions import GpuLimits, NodeCap, Ramp, compose_with_sources
+from rules.actions import Ceiling, GpuLimits, NodeCap, Ramp, compose_with_sources
 from rules.engine import Engine, Evaluation, gpu_values
 from rules.expr import COOLANT_FIELDS, COOLANT_LOOPS
 from rules.model import RuleSet, default_pack_paths, load_rule_files
@@ -85,7 +85,8 @@ class Controller:
              node_caps: Iterable[NodeCap] = (),
              classes_by_gpu: Mapping[int, str] | None = None,
              floors_w: Mapping[int, float] | None = None,
-             demands_w: Mapping[int, float] | None = None) -> ControlStep:
+             demands_w: Mapping[int, float] | None = None,
+             extra: Iterable[Ceiling] = ()) -> ControlStep:
         """Evaluate the rules on this tick's readings and return the limits to apply.
 
         ``baselines_w`` (from ``Actuator.observe``) is each GPU's uncapped limit; a GPU without
@@ -96,6 +97,8 @@ class Controller:
         tightest node cap is split over the GPUs by job class (``classes_by_gpu``; lowest class
         first), honouring each job's floor (``floors_w``) and giving no GPU more than it would draw
         while others want more (``demands_w``); see ``rules.actions.compose_with_sources``.
+        ``extra`` are per-GPU ceilings from outside the rules (the API's cap leases:
+        ``Ceiling(gpu, w, "lease:<id>")``), composed with the rules' own (the lowest wins).
         """
         gpus = {i: gpu_values(s) for i, s in samples.items()}
         node = dict(node_signals)
@@ -115,7 +118,7 @@ class Controller:
         extra_caps = list(node_caps)
         if extra_caps:
             caps = [*caps, *extra_caps]
-        targets = compose_with_sources(evaluation.ceilings, bounds, caps, classes=classes_by_gpu,
+        targets = compose_with_sources(evaluation.ceilings, bounds, caps, extra, classes=classes_by_gpu,
                                        floors_w=floors_w, demands_w=demands_w)
         limits = self.ramp.step(now, {i: t.watts for i, t in targets.items()}, self.applied_w, bounds)
         self.applied_w.update(limits)

@@ -28,9 +28,12 @@ from agentd import sdnotify
 from agentd.clock import Clock, SystemClock
 from agentd.config import AgentConfig, config_source
 from agentd.actuator import Actuator
+from agentd.api.events import StampedEvent
+from agentd.api.runtime import ApiRuntime
 from agentd.control import ControlStep, Controller, coolant_signals
 from agentd.coolant_ingest import CoolantIngest
 from agentd.gpu_info import GpuInfoWriter
+from agentd.health import HealthMonitor
 from agentd.job_ledger import JobTracker
 from agentd.lineproto import encode
 from agentd.points import FieldValue, agent_point, gpu_point, throttle_event_point
@@ -41,8 +44,8 @@ from agentd.store import STORE_FILE, Store, StoreError
 from agentd.worker import SerialWorker
 from collectors.base import BackendError, GpuBackend, GpuInfo, GpuSample
 from collectors.coolant import CoolantState
+from collectors.jobs import JobRef
 from rules.actions import NodeCap
-from rules.engine import Event
 from rules.model import RuleLoadError, RuleSet
 
 log = structlog.get_logger("agentd")
@@ -176,7 +179,9 @@ class Daemon:
         # GPU processes -> jobs -> priority classes (for the budget split) and per-job energy.
         self.jobs = JobTracker(cfg.jobs, host=self.host, monotonic=self.clock.monotonic)
         self.gpu_info = GpuInfoWriter(self.host)  # device thresholds and health, at start and slowly
+        self.health = HealthMonitor(self.host)  # GPU health (Xid, ECC, remap): gpu_health / gpu_event
         self.job_classes: Mapping[int, str] | None = None  # set every tick from self.jobs
+        self.jobs_by_gpu: Mapping[int, tuple[JobRef, ...]] = {}  # likewise: the jobs on each GPU
         self._squeue = SerialWorker("squeue")  # squeue --json runs here, never on the loop
         self._site_error: str | None = None
         self.mqtt = make_mqtt_link(cfg, self.coolant, self.site, self.clock)
@@ -185,8 +190,9 @@ class Daemon:
         self.actuator = Actuator(backend, Path(cfg.state_dir), dry_run=cfg.dry_run,
                                  monotonic=self.clock.monotonic, wall=lambda: self.clock.wall_ns() / 1e9)
         self.last_step: ControlStep | None = None
-        # Recent rule transitions, newest last, for the API (GET /v1/events?since=) and the demo.
-        self.recent_events: deque[Event] = deque(maxlen=RECENT_EVENTS)
+        # Recent rule transitions, newest last, with the tick's wall time, for the API (GET
+        # /v1/events?since=) and the demo.
+        self.recent_events: deque[StampedEvent] = deque(maxlen=RECENT_EVENTS)
         # One worker: NVML calls are serialised, a hung call blocks only this thread, and it
         # never keeps the process from exiting (agentd.worker).
         self._nvml = SerialWorker("nvml")
@@ -200,6 +206,7 @@ class Daemon:
         self._mqtt_task: asyncio.Task | None = None
         # Retention only applies when the store is the embedded database, not an outage buffer.
         self._retention_s = None if cfg.influx.url else cfg.store.retention_s
+        self.api = ApiRuntime(self)  # the throttle API's side: cap leases, the snapshot, the MQTT throttle topic
 
     async def start(self) -> list[GpuInfo]:
         """Open the backend (off the loop, with the NVML timeout). Raises BackendError."""
@@ -279,7 +286,8 @@ class Daemon:
             step = controller.step(now, samples, node, stale, baselines, node_caps=caps,
                                    classes_by_gpu=site.classes_by_gpu if site else self.job_classes,
                                    floors_w=site.floors_w if site else None,
-                                   demands_w=site.demands_w if site else None)
+                                   demands_w=site.demands_w if site else None,
+                                   extra=self.api.lease_ceilings(now, samples))
         except Exception as exc:  # a bug outside the rules (each rule is isolated in the engine)
             self.stats.rule_errors += 1
             log.error("rules_failed", error=repr(exc), hint="limits stay as they are this tick")
@@ -297,7 +305,7 @@ class Daemon:
         except Exception as exc:
             log.error("limit_apply_failed", error=repr(exc), targets_w=step.limits_w)
         engine = controller.engine
-        self.recent_events.extend(step.evaluation.events)
+        self.recent_events.extend(self.api.stamp(step.evaluation.events, ts_ns))
         controls = self.actuator.controls
         for ev in step.evaluation.events:
             actions = ",".join(a.type for a in engine.rule(ev.rule).actions)
@@ -321,6 +329,7 @@ class Daemon:
             log.error("job_tracking_failed", error=repr(exc))
             return
         self.job_classes = step.classes_by_gpu
+        self.jobs_by_gpu = step.jobs_by_gpu
         lines.extend(step.lines)
         if self.jobs.refresh_due():
             self._squeue.submit(self.jobs.refresh_classes)
@@ -392,9 +401,8 @@ class Daemon:
         samples = await self._sample(ts_ns)
         lines: list[tuple[int, str]] = []
         if samples is not None:  # the backend is idle now: its event list is ours to take
-            for event in self.backend.drain_events():
-                (log.error if event.kind == "gpu_lost" else log.warning)(
-                    event.kind, gpu=event.gpu_index, message=event.message)
+            # health judged, events logged and stored, samples annotated before the rules run
+            lines.extend(self.health.step(samples, self.backend.drain_events(), self.state.infos, started, ts_ns))
         for sample in samples or ():
             self.state.gpus[sample.index] = sample
             if not sample.healthy:
@@ -427,6 +435,7 @@ class Daemon:
             self.stats.store_errors += 1
             log.error("store_bounds_failed", error=str(exc))
         self.stats.ticks += 1
+        self.api.after_tick(samples is not None, started, ts_ns)  # the API's snapshot swapped, MQTT throttle topic
         self.stats.tick_s = self.clock.monotonic() - started
         if samples is None:
             return  # no reading this tick: systemd's watchdog is fed only by good ticks
@@ -479,6 +488,8 @@ class Daemon:
             **self.coolant.agent_fields(),
             **self._site_fields(),
             **self.jobs.agent_fields(),
+            **self.health.agent_fields(),
+            **self.backend.event_stats(),  # the NVML event thread: seen, dropped by its bound, errors
         }
 
     def _site_fields(self) -> dict[str, FieldValue]:

@@ -25,6 +25,7 @@ from rules.model import RuleLoadError
 RESTART_ONLY: tuple[str, ...] = (
     "backend", "state_dir", "node", "site", "dry_run", "sim", "store", "influx", "coolant", "rules.enabled",
     "budget",  # the node's lease tracking and report were built from it (domains file, site key)
+    "api",  # the listeners are bound and the token read at start
 )
 
 

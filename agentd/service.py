@@ -10,6 +10,8 @@ from pathlib import Path
 
 import structlog
 
+from agentd.api.auth import load_token
+from agentd.api.server import start_api
 from agentd.config import AgentConfig
 from agentd.daemon import Daemon, make_backend, open_store
 from agentd.integrity import check_imports
@@ -58,15 +60,23 @@ async def serve(cfg: AgentConfig, config_path: Path | None = None) -> None:
     distribution's code of the same name.
     """
     check_imports()
+    token = load_token(cfg.api)  # ConfigError (api.token_file: ...) before anything starts
     stop = asyncio.Event()
     store = open_store(cfg)
     daemon = Daemon(cfg, make_backend(cfg), store, forwarder=make_forwarder(cfg, store), config_path=config_path)
     install_stop_handlers(stop, daemon.hurry)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.request_reload)
-    await daemon.start()
-    log.info("started", interval_s=cfg.interval, state_dir=str(cfg.state_dir),
-             influx=cfg.influx.url or "none (local store only)")
-    await daemon.run(stop)
+    # The API binds before the GPUs are touched (an address in use stops the start cleanly) and
+    # stops after the shutdown has restored the limits: schedulers see the node to the end.
+    api = await start_api(daemon.api, cfg.api, token)
+    try:
+        await daemon.start()
+        log.info("started", interval_s=cfg.interval, state_dir=str(cfg.state_dir),
+                 influx=cfg.influx.url or "none (local store only)", api=api.addresses if api else None)
+        await daemon.run(stop)
+    finally:
+        if api is not None:
+            await api.stop()
     if daemon.nvml_busy:
         # A thread stuck in the driver would keep the process from exiting (Python joins its
         # worker threads); everything else is closed, so leave now and let ExecStopPost's

@@ -48,6 +48,7 @@ def check(path: Path, **env: str) -> tuple[int, str]:
 def run_start(path: Path) -> int:
     """Exit status of a real `agentd run` on ``path`` (each case here stops it at start)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_") and k != "NOTIFY_SOCKET"}
+    env["AGENTD_API__LISTEN"] = "127.0.0.1:0"  # a free port: another daemon on 9410 must not decide the case
     proc = subprocess.run([sys.executable, "-m", "agentd", "run", "--config", str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     return proc.returncode

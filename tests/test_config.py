@@ -184,17 +184,6 @@ def test_table_valued_keys_take_sub_keys_from_the_environment():
     assert cfg.rules.params == {"tcs_supply_max_c": 43}
 
 
-def test_api_listen_is_refused_as_not_available_in_this_version(tmp_path):
-    path = write(tmp_path, "[api]\nlisten = '127.0.0.1:9410'\n")
-    with pytest.raises(ConfigError) as err:
-        load_config(path, environ={})
-    (line,) = err.value.errors
-    assert line.startswith(f"{path}: api: the throttle API (api.listen) is not available in this version"), line
-    with pytest.raises(ConfigError, match="AGENTD_API__LISTEN: api: the throttle API"):
-        load_config(None, environ={"AGENTD_API__LISTEN": "0.0.0.0:9410"})
-    assert load_config(None, environ={})  # the defaults pass
-
-
 # -- which file: --config, $AGENTD_CONFIG or the default, and who named a missing one ----------
 
 def test_a_missing_file_says_who_named_it(tmp_path):

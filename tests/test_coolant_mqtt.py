@@ -307,7 +307,7 @@ def test_the_last_will_marks_a_killed_daemon_offline(services, tmp_path):
     config.write_text(f'interval = 0.2\nbackend = "sim"\nstate_dir = "{tmp_path}"\nnode = "{node}"\nsite = "s1"\n'
                       f'[sim]\ngpus = 1\n[mqtt]\nhost = "{services.mqtt_host}"\nport = {services.mqtt_port}\n'
                       'keepalive = 5\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")} | {"AGENTD_API__LISTEN": "127.0.0.1:0"}
     proc = subprocess.Popen([sys.executable, "-m", "agentd", "run", "--config", str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     topic = status_topic("s1", node)

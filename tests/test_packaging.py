@@ -160,6 +160,7 @@ def test_agentd_run_refuses_to_start_and_says_what_to_do(tmp_path):
     code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from agentd.cli import main; "
             "sys.argv[0] = 'agentd'; main()")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTD_", "NOTIFY_"))}
+    env["AGENTD_API__LISTEN"] = "127.0.0.1:0"
     proc = subprocess.run([sys.executable, "-I", "-c", code, str(site), "run", "--config", str(config)],
                           capture_output=True, text=True, timeout=20, cwd=tmp_path, env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -255,7 +256,8 @@ def _config(tmp_path: Path) -> Path:
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AGENTD_", "NOTIFY_", "PYTHON"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTD_", "NOTIFY_", "PYTHON"))}
+    return env | {"AGENTD_API__LISTEN": "127.0.0.1:0"}  # a free port: a daemon on 9410 must not decide a case
 
 
 def _refused(venv: Path, tmp_path: Path) -> str:

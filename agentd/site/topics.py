@@ -1,4 +1,4 @@
-"""The MQTT topics of site power capping (DESIGN.md section 6), in one place.
+"""The MQTT topics of the node and of site power capping (DESIGN.md section 6), in one place.
 
 Every topic sits under ``agentd/v1/{site}``. A name that becomes a topic level (site, node,
 domain, controller id) must not hold ``/``, ``+``, ``#`` or NUL: ``check_level`` refuses it with
@@ -40,6 +40,21 @@ def node_budget(site: str, node: str, controller: str) -> str:
 def node_budget_filter(site: str, node: str) -> str:
     """Every controller's lease for ``node``: the node enforces the minimum of the live ones."""
     return f"{PREFIX}/{site}/nodes/{node}/budget/+"
+
+
+def node_throttle(site: str, node: str) -> str:
+    """The node's throttle body, as GET /v1/throttle serves it (node -> schedulers; QoS 1, retained)."""
+    return f"{PREFIX}/{site}/nodes/{node}/throttle"
+
+
+def node_throttle_filter(site: str) -> str:
+    """Every node's throttle body (what slurm-sync subscribes to)."""
+    return f"{PREFIX}/{site}/nodes/+/throttle"
+
+
+def events(site: str) -> str:
+    """Rule transitions of every node of the site (QoS 1, not retained)."""
+    return f"{PREFIX}/{site}/events"
 
 
 def domain_power(site: str, domain: str) -> str:
