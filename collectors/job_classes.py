@@ -105,23 +105,27 @@ def parse_squeue_json(raw: bytes | str) -> tuple[dict[str, SlurmJobInfo], int]:
 Runner = Callable[[Sequence[str], float], bytes]
 
 
-def run_command(argv: Sequence[str], timeout_s: float) -> bytes:
-    """Run ``argv`` and return its stdout; SqueueError (with what to do) on any failure."""
+def run_command(argv: Sequence[str], timeout_s: float, *, path_key: str = "jobs.slurm.squeue",
+                timeout_key: str = "jobs.slurm.timeout", error: type[Exception] = SqueueError) -> bytes:
+    """Run a Slurm client (``argv``) and return its stdout; ``error`` (with what to do, naming the
+    settings ``path_key`` and ``timeout_key``) on any failure. The one runner for squeue here and
+    sinfo/scontrol in ``agentd slurm-sync``."""
+    line = " ".join(argv)
     try:
         done = subprocess.run(list(argv), capture_output=True, timeout=timeout_s, check=False, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
-        raise SqueueError(f"{argv[0]!r} not found: install the Slurm client on this node or set "
-                          "jobs.slurm.squeue to its path") from None
+        raise error(f"{argv[0]!r} not found: install the Slurm clients on this host or set {path_key} "
+                    "to the path") from None
     except PermissionError:
-        raise SqueueError(f"{argv[0]!r} is not executable by agentd (set jobs.slurm.squeue)") from None
+        raise error(f"{argv[0]!r} is not executable by this user (set {path_key})") from None
     except subprocess.TimeoutExpired:
-        raise SqueueError(f"{argv[0]} took longer than {timeout_s:g}s (jobs.slurm.timeout); "
-                          "is slurmctld reachable from this node?") from None
+        raise error(f"{line}: no answer within {timeout_s:g}s ({timeout_key}); is slurmctld reachable "
+                    "from this host (SLURM_CONF, scontrol ping)?") from None
     except OSError as exc:
-        raise SqueueError(f"{argv[0]}: {exc.strerror or exc}") from None
+        raise error(f"{line}: {exc.strerror or exc}") from None
     if done.returncode != 0:
         tail = done.stderr.decode("utf-8", "replace").strip()[-300:]
-        raise SqueueError(f"{argv[0]} exited with {done.returncode}: {tail or '(no message)'}")
+        raise error(f"{line} exited with {done.returncode}: {tail or '(no message)'}")
     return done.stdout
 
 

@@ -19,6 +19,7 @@ import pytest
 import structlog
 
 from tests.services import ServiceError, Services, from_env
+from tests.services import prometheus_fixture, slurm_fixture  # noqa: F401  (the prometheus and slurm fixtures)
 
 SKIP_MESSAGE = (
     "real servers not running: run scripts/services start and eval $(scripts/services env)"

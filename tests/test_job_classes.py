@@ -265,12 +265,12 @@ def test_run_command_returns_stdout():
 
 
 def test_run_command_errors_say_what_to_do(tmp_path):
-    with pytest.raises(SqueueError, match="not found: install the Slurm client on this node or set jobs.slurm.squeue"):
+    with pytest.raises(SqueueError, match="not found: install the Slurm clients on this host or set jobs.slurm.squeue"):
         run_command([str(tmp_path / "squeue")], 5)
     with pytest.raises(SqueueError, match=r"exited with 1: slurm_load_jobs error: Unable to contact"):
         run_command([sys.executable, "-c", "import sys; sys.stderr.write('slurm_load_jobs error: Unable to contact "
                      "slurm controller'); sys.exit(1)"], 30)
-    with pytest.raises(SqueueError, match=r"took longer than 0.3s \(jobs.slurm.timeout\)"):
+    with pytest.raises(SqueueError, match=r"no answer within 0.3s \(jobs.slurm.timeout\)"):
         run_command([sys.executable, "-c", "import time; time.sleep(30)"], 0.3)
     script = tmp_path / "squeue-noexec"
     script.write_text("#!/bin/sh\n")

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import unmarked_server_tests
-from tests.services import SCRIPT, ServiceError, Services
+from tests.services import (  # noqa: F401  (prometheus_fixture, slurm_fixture: the fixtures)
+    SCRIPT,
+    Prometheus,
+    ServiceError,
+    Services,
+    SlurmCluster,
+    from_env,
+    prometheus_fixture,
+    slurm_fixture,
+    wait_for,
+)
 
 integration = pytest.mark.integration
 
@@ -171,6 +185,72 @@ def test_vm_data_survives_a_restart(services: Services) -> None:
     [series] = services.vm_export(f'{{__name__="{m}_f"}}')
     assert series["values"] == [7]
     assert series["timestamps"] == [ts // 1_000_000]
+
+
+@integration
+def test_env_names_every_server_and_points_the_slurm_clients_at_the_test_cluster(services: Services) -> None:
+    env = _script_env(services)
+    assert env["SLURM_CONF"] == env["TEST_SLURM_CONF"]
+    assert Path(env["SLURM_CONF"]).is_file()
+    assert env["TEST_SLURM_PARTITIONS"].split(",") == ["batch", "prod"]
+    assert env["TEST_PROMETHEUS_URL"].startswith("http://127.0.0.1:")
+    assert Path(env["TEST_PROMETHEUS_TARGETS"]).parent == services.dir / "prometheus"
+    found = from_env(env)
+    assert found is not None and found.slurm is not None and found.prometheus is not None
+
+
+@integration
+def test_slurm_runs_a_batch_job_and_takes_drain_resume_and_extra(slurm: SlurmCluster) -> None:
+    job = slurm.sbatch("--partition", slurm.partitions[1], "--wrap", "sleep 60")
+    slurm.wait_running(job)
+    [entry] = [j for j in slurm.jobs() if str(j["job_id"]) == job]
+    assert entry["partition"] == slurm.partitions[1]
+
+    node = f"NodeName={slurm.node}"
+    slurm.run("scontrol", "update", node, "State=DRAIN", "Reason=test: by hand")
+    slurm.run("scontrol", "update", node, 'Extra={"agentd_level": 2}')
+    info = slurm.node_info()
+    assert "DRAIN" in slurm.node_flags() and info["reason"] == "test: by hand"
+    assert json.loads(info["extra"]) == {"agentd_level": 2}
+    assert slurm.job_state(job) == "RUNNING"  # a drain lets running jobs finish
+
+    slurm.run("scontrol", "update", node, "State=RESUME")
+    assert "DRAIN" not in slurm.node_flags() and slurm.node_info()["reason"] == ""
+    with pytest.raises(ServiceError, match="scontrol update .* exited 1: .*Invalid node state"):
+        slurm.run("scontrol", "update", node, "State=RESUME")  # the error names the command
+
+
+class _Metrics(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = b"# TYPE itest_up gauge\nitest_up{gpu=\"0\"} 1\nitest_up{gpu=\"1\"} 1\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@integration
+def test_prometheus_scrapes_a_target_written_into_its_file(prometheus: Prometheus) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        prometheus.set_targets([f"127.0.0.1:{server.server_port}"], {"test": "scrape"})
+        series = wait_for("both itest_up series scraped",
+                          lambda: (r := prometheus.query('itest_up{test="scrape"}')) and len(r) == 2 and r)
+        assert sorted(s["metric"]["gpu"] for s in series) == ["0", "1"]
+        [target] = [t for t in prometheus.targets() if t["labels"].get("test") == "scrape"]
+        assert target["health"] == "up"
+    finally:
+        prometheus.clear_targets()
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ServiceError, match="bad_data"):
+        prometheus.query("itest_up{")
 
 
 class _Item:
