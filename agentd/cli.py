@@ -23,6 +23,8 @@ from agentd.rules_cli import rules
 from agentd.site.domains_cli import domains
 from agentd.site.sim_cli import site as sim_site
 from agentd.site.controller_cli import controller
+from agentd.status_cli import status_command
+from agentd.schedulers.slurm_cli import slurm_sync
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
@@ -183,11 +185,12 @@ def demo(duration: float | None, gpus: int, interval: float, profile: str, seed:
             raise click.BadParameter("the site demo warms up for 30 s; give more than that", param_hint="--duration")
         run_site_demo(nodes=16, duration_s=site_s, warmup_s=30.0, speed=10.0, seed=seed)
         return
-    from agentd.demo import run_demo
+    from agentd.demo import check_gpu_faults, run_demo
     from collectors.cdu_sim import parse_fault
 
     try:
         parsed = [parse_fault(f) for f in faults]
+        check_gpu_faults(parsed, gpus)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fault") from None
     run_demo(duration_s=duration, gpus=gpus, interval_s=interval, profile=profile, seed=seed,
@@ -308,12 +311,16 @@ def sim_cdu(broker: str | None, site: str, unit: str, faults: tuple[str, ...], s
     The heat load is the power of NODES simulated 8-GPU nodes, whose GPUs in turn run on the
     CDU's TCS supply temperature (a closed loop).
     """
-    from collectors.cdu_sim import CduModel, parse_fault, subscription_for
+    from collectors.cdu_sim import CduModel, is_gpu_kind, parse_fault, subscription_for
 
     try:
         parsed = [parse_fault(f) for f in faults]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fault") from None
+    gpu_faults = [spec for spec, f in zip(faults, parsed) if is_gpu_kind(f.kind)]
+    if gpu_faults:
+        raise click.BadParameter(f"{', '.join(gpu_faults)}: GPU faults are for agentd demo (agentd demo --fault "
+                                 "xid79:3@30); sim cdu plays the CDU's faults only", param_hint="--fault")
     if print_subscription:  # what a daemon's agentd.toml needs: no broker involved
         from agentd.sample_config import table_text
 
@@ -404,5 +411,7 @@ sim.add_command(sim_site)
 main.add_command(export_command)
 main.add_command(store_group)
 main.add_command(controller)
+main.add_command(slurm_sync)
 main.add_command(plot_command)
 main.add_command(domains)
+main.add_command(status_command)

@@ -66,6 +66,7 @@ def sim_config(tmp_path: Path, extra: str = "") -> Path:
 
 def agent_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTD_", "NOTIFY_", "WATCHDOG_", "CDU_SIM_"))}
+    env["AGENTD_API__LISTEN"] = "127.0.0.1:0"  # a free port: another daemon on 9410 must not stop this one
     env.update(extra)
     return env
 
