@@ -463,13 +463,7 @@ class NvmlBackend:
             slowdown_c=i.slowdown_c, shutdown_c=i.shutdown_c, gpu_max_c=i.gpu_max_c, mem_max_c=i.mem_max_c,
         )  # fmt: skip
         h = g.handle
-        for name, read in g.readers:
-            try:
-                read(h, s)
-            except self._unsupported_errors:
-                self._replace_reader(g, name, h, s)
-            except Exception as e:
-                raise _ReadError(name, e) from e
+        self._run(g, g.readers, h, s)
         if g.slow:
             # The health readers gate themselves (10 s / 60 s); asking them only when the shortest
             # interval has passed, or an event made them due, keeps a tick in between to one
@@ -477,14 +471,19 @@ class NvmlBackend:
             now, generation = self._monotonic(), g.refresh
             if now - g.slow_at >= HEALTH_MIN_INTERVAL_S or generation != g.slow_seen:
                 g.slow_at, g.slow_seen = now, generation
-                for name, read in g.slow:
-                    try:
-                        read(h, s)
-                    except self._unsupported_errors:
-                        self._replace_reader(g, name, h, s)
-                    except Exception as e:
-                        raise _ReadError(name, e) from e
+                self._run(g, g.slow, h, s)
         return s
+
+    def _run(self, g: _Gpu, readers: tuple[tuple[str, Reader], ...], h: Any, s: GpuSample) -> None:
+        """Each reader once; an unsupported one is replaced for good (``_replace_reader``), any
+        other error makes the whole GPU unreadable (``_ReadError``)."""
+        for name, read in readers:
+            try:
+                read(h, s)
+            except self._unsupported_errors:
+                self._replace_reader(g, name, h, s)
+            except Exception as e:
+                raise _ReadError(name, e) from e
 
     def _replace_reader(self, g: _Gpu, name: str, h: Any, s: GpuSample) -> None:
         """Drop an unsupported reader for good; put its fallback (if any) in its place and run it."""

@@ -911,3 +911,14 @@ class install:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+class Clock:
+    """A monotonic clock the test moves by hand (``clock.t += 5``), for NvmlBackend's retry
+    backoff and read intervals and the event watcher (which reads it from its own thread)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t

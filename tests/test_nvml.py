@@ -18,20 +18,12 @@ import agentd.probe
 from agentd.probe import probe, probe_text
 from collectors.base import BackendError, GpuInfo, LimitWriteError
 from collectors.nvml import NO_DRIVER, NvmlBackend
-from tests.fake_pynvml import FakeGpu, FakeHandle, FakeNvml, install
+from tests.fake_pynvml import Clock, FakeGpu, FakeHandle, FakeNvml, install
 
 SET = "nvmlDeviceSetPowerManagementLimit"
 H200 = Path(__file__).parent / "fixtures" / "nvml" / "nvidia-h200.json"
 
 
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from collectors.nvml_counters import (
     RETIRED_MIN_INTERVAL_S,
     recovery_action_name,
 )
-from tests.fake_pynvml import FakeGpu, FakeHandle, FakeNvml
+from tests.fake_pynvml import Clock, FakeGpu, FakeHandle, FakeNvml
 
 CORR, UNC = pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
 VOL, AGG = pynvml.NVML_VOLATILE_ECC, pynvml.NVML_AGGREGATE_ECC
@@ -44,12 +44,6 @@ HEALTH_FIELDS = (
 )  # fmt: skip
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import structlog
 from collectors.base import BackendEvent
 from collectors.nvml import NvmlBackend
 from collectors.nvml_events import EVENT_TYPES, EventWatcher, handle_key
-from tests.fake_pynvml import FakeGpu, FakeHandle, FakeNvml
+from tests.fake_pynvml import Clock, FakeGpu, FakeHandle, FakeNvml
 
 XID = pynvml.nvmlEventTypeXidCriticalError
 SBE = pynvml.nvmlEventTypeSingleBitEccError
@@ -31,14 +31,6 @@ KNOWN = [(getattr(pynvml, const), kind) for const, kind in EVENT_TYPES if hasatt
 ALL_TYPES = functools.reduce(operator.or_, (bit for bit, _ in KNOWN))
 
 
-class Clock:
-    """A monotonic clock the test moves by hand (the watcher reads it from its thread)."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
