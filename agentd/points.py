@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from collectors.base import GpuSample
+from collectors.base import GpuSample, nvlink_totals
 from collectors.coolant import Reading
 
 from agentd.lineproto import Point
@@ -157,17 +157,15 @@ def gpu_health_point(sample: GpuSample, host: str, *, state: str, level: int, re
         fields[name] = getattr(sample, name)
     links = sample.nvlink
     if links:
-        totals: dict[str, int | None] = {"crc": None, "replay": None, "recovery": None}
-        for link in links:
-            counts = {"crc": _sum(link.crc_flit, link.crc_data), "replay": link.replay, "recovery": link.recovery}
-            for name, value in counts.items():
-                if value is None:
-                    continue
-                totals[name] = (totals[name] or 0) + value
+        totals = nvlink_totals(links)
+        fields["nvlink_crc_errors"] = _sum(totals.get("crc_flit"), totals.get("crc_data"))
+        fields["nvlink_replay_errors"] = totals.get("replay")
+        fields["nvlink_recovery_errors"] = totals.get("recovery")
+        for link in links:  # a link with errors also gets its own fields
+            for name, value in (("crc", _sum(link.crc_flit, link.crc_data)), ("replay", link.replay),
+                                ("recovery", link.recovery)):
                 if value:
                     fields[f"nvlink{link.link}_{name}_errors"] = value
-        for name, value in totals.items():
-            fields[f"nvlink_{name}_errors"] = value
     return Point("gpu_health", {"host": host, "gpu": str(sample.index), "uuid": sample.uuid, "model": sample.model},
                  fields, sample.ts_ns)
 

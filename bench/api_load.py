@@ -48,11 +48,10 @@ def _free_port() -> int:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by the nearest-rank method; NaN for no values."""
-    if not values:
+    """The q-quantile (0..1, in hundredths) by the standard library; NaN for fewer than two values."""
+    if len(values) < 2:
         return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 # -- the client process ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import operator
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 import pynvml  # only for its constants: importing it needs no driver
@@ -130,6 +131,21 @@ class NvlinkErrors(NamedTuple):
     crc_data: int | None = None
     replay: int | None = None
     recovery: int | None = None
+
+
+NVLINK_ERRORS: tuple[str, ...] = NvlinkErrors._fields[1:]  # crc_flit, crc_data, replay, recovery
+
+
+def nvlink_totals(links: Iterable[NvlinkErrors]) -> dict[str, int]:
+    """Each NVLink counter summed over the links that report it; a counter no link reports is
+    absent (never a made-up 0). For the points and metrics that show a GPU's links as one."""
+    totals: dict[str, int] = {}
+    for link in links:
+        for name in NVLINK_ERRORS:
+            v = getattr(link, name)
+            if v is not None:
+                totals[name] = totals.get(name, 0) + v
+    return totals
 
 
 class BackendEvent(NamedTuple):

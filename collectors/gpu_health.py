@@ -58,7 +58,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from collectors.base import BackendEvent, GpuSample, NvlinkErrors
+from collectors.base import NVLINK_ERRORS, BackendEvent, GpuSample, NvlinkErrors
 from collectors.durations import format_duration
 from collectors.xid_catalog import NONE, lookup
 
@@ -78,7 +78,6 @@ COUNTERS = ("ecc_sbe_volatile", "ecc_dbe_volatile", "ecc_sbe_aggregate", "ecc_db
             "pcie_replay")
 VOLATILE = frozenset({"ecc_sbe_volatile", "ecc_dbe_volatile"})
 FLAGS = ("retired_pages_pending", "remap_pending", "remap_failure")
-NVLINK_COUNTERS = ("crc_flit", "crc_data", "replay", "recovery")
 
 # Actions (the driver's or the catalogue's) that leave the GPU usable; anything else fails it.
 _NO_ACTION = frozenset({NONE, ""})
@@ -276,7 +275,7 @@ class HealthTracker:
                 for link in links:
                     old = g.nvlink.get(link.link)
                     if old is not None and old != link:
-                        for name in NVLINK_COUNTERS:
+                        for name in NVLINK_ERRORS:
                             a, b = getattr(old, name), getattr(link, name)
                             if a is not None and b is not None and b < a:
                                 resets.append(f"nvlink {link.link} {name} {a} -> {b}")

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 import agentd
 from agentd.store import StoreError
-from collectors.base import GpuInfo, GpuSample
+from collectors.base import GpuInfo, GpuSample, nvlink_totals
 from collectors.coolant_spec import LEAK_WORDS, NUMERIC_FIELDS
 from collectors.nvml import NvmlBackend
 
@@ -326,7 +326,6 @@ _GPU_HELD_FLAGS: tuple[tuple[str, str, str], ...] = (
      "remap_failure"),
 )
 
-NVLINK_ERRORS = ("crc_flit", "crc_data", "replay", "recovery")  # collectors.base.NvlinkErrors counters
 
 # Coolant: canonical field -> (name, help, conversion), per loop.
 _COOLANT: tuple[tuple[str, str, str, Convert], ...] = (
@@ -535,11 +534,8 @@ class MetricsCollector(Collector):
         nvlink = CounterMetricFamily("agentd_gpu_nvlink_errors_total", "NVLink errors since the driver was loaded, "
                                      "summed over the GPU's links, by type.", labels=[*GPU_LABELS, "type"])
         for g in gpus:
-            links = g.value("nvlink") or ()
-            for kind in NVLINK_ERRORS:
-                counts = [v for link in links if (v := getattr(link, kind)) is not None]
-                if counts:
-                    nvlink.add_metric([*g.labels, kind], float(sum(counts)))
+            for kind, total in nvlink_totals(g.value("nvlink") or ()).items():
+                nvlink.add_metric([*g.labels, kind], float(total))
         throttle = CounterMetricFamily("agentd_gpu_throttle_seconds_total", "Time a limiter held the clocks below "
                                        "the application clocks since the driver was loaded, by reason, in seconds.",
                                        labels=[*GPU_LABELS, "reason"])
@@ -694,9 +690,9 @@ class MetricsCollector(Collector):
         for name, doc, kind in _DCGM_NVLINK:
             fam = Metric(name, doc, "counter")
             for g, lab in zip(gpus, labels, strict=True):
-                counts = [v for link in g.value("nvlink") or () if (v := getattr(link, kind)) is not None]
-                if counts:
-                    fam.add_sample(name, lab, float(sum(counts)))
+                total = nvlink_totals(g.value("nvlink") or ()).get(kind)
+                if total is not None:
+                    fam.add_sample(name, lab, float(total))
             yield from _nonempty(fam)
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from agentd.api.events import StampedEvent, Stamper
 from agentd.api.leases import CAPS_FILE, LeaseTable
+from agentd.api.metrics import MetricsInput, MetricsRenderer, metrics_input_from_daemon
 from agentd.api.publish import ThrottlePublisher
 from agentd.api.rule_facts import FactsCache, RuleFacts
 from agentd.api.snapshot import (
@@ -73,16 +74,8 @@ class ApiRuntime:
         self.stamper = Stamper()
         self.publisher = ThrottlePublisher(cfg.site, cfg.node_name, cfg.api.publish_every_s)
         self._facts = FactsCache()
-        self.metrics: Any = None  # agentd.api.metrics.MetricsInput of the last tick (None: none yet)
-        self.metrics_renderer: Any = None  # agentd.api.metrics.MetricsRenderer; None: /metrics is off
-        self._metrics_input: Any = None
-        try:  # GET /metrics (agentd/api/metrics.py): a failure there must never stop the daemon
-            from agentd.api import metrics
-
-            self._metrics_input = metrics.metrics_input_from_daemon
-            self.metrics_renderer = metrics.MetricsRenderer(dcgm_compat=cfg.api.metrics_dcgm_compat)
-        except Exception as exc:  # noqa: BLE001
-            log.error("metrics_unavailable", error=repr(exc), hint="GET /metrics answers 503; the rest runs")
+        self.metrics: MetricsInput | None = None  # GET /metrics' and /v1/agent's view of the last tick
+        self.metrics_renderer = MetricsRenderer(dcgm_compat=cfg.api.metrics_dcgm_compat)
         self._new_events: list[StampedEvent] = []
         self._last_read_mono: float | None = None
         self._error: str | None = None
@@ -112,12 +105,11 @@ class ApiRuntime:
             self._log_once("api_snapshot_failed", exc)
             return
         self.snapshot = snap
-        if self._metrics_input is not None:
-            try:
-                self.metrics = self._metrics_input(self.daemon, snap.throttle.level, snap.throttle.state,
-                                                   previous=self.metrics)
-            except Exception as exc:
-                self._log_once("api_metrics_failed", exc)
+        try:
+            self.metrics = metrics_input_from_daemon(self.daemon, snap.throttle.level, snap.throttle.state,
+                                                     previous=self.metrics)
+        except Exception as exc:  # /metrics and /v1/agent keep the last tick's view
+            self._log_once("api_metrics_failed", exc)
         link = self.daemon.mqtt
         if link is None:
             return

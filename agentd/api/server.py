@@ -60,13 +60,14 @@ from agentd.api.models import (
     Throttle,
     iso_ms,
 )
+from agentd.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agentd.api.metrics import MetricsInput, MetricsRenderer
 from agentd.api.snapshot import Snapshot, lease_body, lease_scope
 from agentd.clock import Clock
 
 log = structlog.get_logger("agentd.api")
 
 JSON = "application/json"
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format 0.0.4
 MAX_EVENTS = 1000
 _LEASE_ID = re.compile(LEASE_ID_PATTERN)
 _JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -97,10 +98,10 @@ class ApiSource(Protocol):
     def cap_refusal(self) -> str | None: ...
 
     @property
-    def metrics(self) -> Any: ...  # agentd.api.metrics.MetricsInput of the last tick, or None
+    def metrics(self) -> MetricsInput | None: ...  # the last tick's, for /metrics and /v1/agent
 
     @property
-    def metrics_renderer(self) -> Any: ...  # agentd.api.metrics.MetricsRenderer, or None
+    def metrics_renderer(self) -> MetricsRenderer: ...
 
 
 class ApiError(Exception):
@@ -486,9 +487,6 @@ class Api:
         """The Prometheus exposition of the last tick (agentd/api/metrics.py renders it, at most
         once per tick, on a worker thread: a render costs milliseconds)."""
         renderer = self.src.metrics_renderer
-        if renderer is None:
-            raise ApiError(503, "metrics not built", "the /metrics renderer could not be loaded (see the log line "
-                                                     "metrics_unavailable); the rest of the API works")
         inp = self.src.metrics
         if inp is None:
             raise ApiError(503, "not_ready", "no tick has completed yet; retry in a second", {"Retry-After": "1"})
