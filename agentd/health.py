@@ -38,7 +38,7 @@ import structlog
 from agentd.gpu_info import EVERY_S, Cadence
 from agentd.lineproto import encode
 from agentd.points import HEALTH_COUNTER_FIELDS, FieldValue, gpu_event_point, gpu_health_point
-from agentd.site.lease import RateLimitedLog
+from collectors.log_limit import RateLimitedLog
 from collectors.base import BackendEvent, GpuInfo, GpuSample
 from collectors.gpu_health import FAIL, WARN, HealthTracker, Judged
 

@@ -38,6 +38,7 @@ from typing import Any
 import structlog
 
 from collectors.base import BackendEvent
+from collectors.log_limit import RateLimitedLog
 from collectors.nvml_counters import read_recovery_action, unsupported_codes
 
 log = structlog.get_logger("agentd.nvml_events")
@@ -155,8 +156,7 @@ class EventWatcher:
         self._errors = 0
         self._unknown_device = 0
         self._refused: dict[int, dict[str, str]] = {}  # GPU -> kind -> why registering it failed
-        self._logged: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
+        self._limiter = RateLimitedLog(LOG_EVERY_S, _MAX_LOG_KEYS)
         self._stop = threading.Event()
         self._set: Any = None
         self._thread: threading.Thread | None = None
@@ -491,16 +491,5 @@ class EventWatcher:
 
     def _log_limited(self, key: str, event: str, *, level: str = "warning", **kv: Any) -> None:
         """Log ``event`` at most once per LOG_EVERY_S per ``key``; the next line says how many
-        were suppressed in between."""
-        now = self._monotonic()
-        last = self._logged.get(key)
-        if last is not None and now - last < LOG_EVERY_S:
-            self._suppressed[key] += 1
-            return
-        if len(self._logged) >= _MAX_LOG_KEYS:
-            self._logged.clear()
-        self._logged[key] = now
-        suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            kv["suppressed"] = suppressed
-        getattr(log, level)(event, **kv)
+        were suppressed in between (``collectors.log_limit``)."""
+        self._limiter.emit(key, self._monotonic(), getattr(log, level), event, **kv)

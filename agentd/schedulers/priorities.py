@@ -31,7 +31,7 @@ import structlog
 
 from collectors.job_classes import ClassProvider, SqueueError, run_command
 from collectors.jobs import JobRef, JobsConfig
-from agentd.site.lease import RateLimitedLog
+from collectors.log_limit import RateLimitedLog
 
 log = structlog.get_logger("agentd.slurm_sync")
 MAX_HOSTS = 100_000  # a host list that expands beyond this is not one of a real job

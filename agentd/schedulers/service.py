@@ -30,7 +30,7 @@ from agentd.schedulers.scontrol import Slurm, SlurmError, SlurmNode
 from agentd.schedulers.slurm_sync import Action, Step, SyncCore
 from agentd.schedulers.sources import ThrottleSource
 from agentd.schedulers.throttle import NodeThrottle
-from agentd.site.lease import RateLimitedLog
+from collectors.log_limit import RateLimitedLog
 
 log = structlog.get_logger("agentd.slurm_sync")
 

@@ -31,7 +31,7 @@ from agentd.schedulers.config import PolledNode
 from agentd.schedulers.slurm_sync import Observed
 from agentd.schedulers.throttle import MAX_BODY_BYTES, BodyError, NodeThrottle, parse_body
 from agentd.site import topics
-from agentd.site.lease import RateLimitedLog
+from collectors.log_limit import RateLimitedLog
 
 log = structlog.get_logger("agentd.slurm_sync")
 SETTLE_QUIET_S = 0.5  # --once over MQTT: retained messages have all arrived after this much quiet

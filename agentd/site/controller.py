@@ -56,7 +56,8 @@ import structlog
 
 from agentd.lineproto import Point
 from agentd.site import topics
-from agentd.site.lease import LeaseTracker, NodeBudget, RateLimitedLog
+from collectors.log_limit import RateLimitedLog
+from agentd.site.lease import LeaseTracker, NodeBudget
 from pydantic import ValidationError
 
 from agentd.site.protocol import (CLASSES, MAX_PAYLOAD_BYTES, Lease, PowerReport, ProtocolError,

@@ -57,7 +57,7 @@ from agentd.config import MqttConfig
 from agentd.lineproto import encode
 from agentd.mqtt import MqttLink
 from agentd.site.controller import ControllerCore, CycleResult, Publish
-from agentd.site.lease import RateLimitedLog
+from collectors.log_limit import RateLimitedLog
 
 log = structlog.get_logger("agentd.controller")
 

@@ -31,7 +31,6 @@ that controller's lease.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ import structlog
 
 from agentd.site import topics
 from agentd.site.protocol import Lease, ProtocolError, decode_lease
+from collectors.log_limit import RateLimitedLog
 
 log = structlog.get_logger("agentd.site")
 
@@ -47,34 +47,6 @@ MAX_CONTROLLERS = 64
 # The tracker's own refusal reasons (decode_lease adds the protocol ones).
 REFUSALS = ("wrong_topic", "wrong_site", "wrong_target", "negative", "inconsistent", "from_future",
             "expired", "replay", "too_many_controllers")
-
-
-class RateLimitedLog:
-    """Log a repeated complaint once per key per ``every_s``, with how many were held back.
-
-    A broken or hostile publisher can send a bad lease every millisecond: journald gets the first
-    at once (the most useful one), then at most one line per key per interval carrying
-    ``suppressed=N``.
-    """
-
-    __slots__ = ("every_s", "_next", "_held")
-
-    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
-        self.every_s = every_s
-        self._next: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def emit(self, key: str, now: float, log_fn: Callable[..., Any], event: str, **kw: Any) -> bool:
-        """Write the line unless ``key`` was written less than ``every_s`` ago; True when written."""
-        if now < self._next.get(key, -math.inf):
-            self._held[key] = self._held.get(key, 0) + 1
-            return False
-        self._next[key] = now + self.every_s
-        held = self._held.pop(key, 0)
-        if held:
-            kw["suppressed"] = held
-        log_fn(event, **kw)
-        return True
 
 
 @dataclass(slots=True)

@@ -38,7 +38,8 @@ from agentd.lineproto import Point
 from agentd.points import node_power_point
 from agentd.site import topics
 from agentd.site.demand import DemandEstimator, DemandWindow
-from agentd.site.lease import Decision, LeaseTracker, NodeBudget, RateLimitedLog
+from collectors.log_limit import RateLimitedLog
+from agentd.site.lease import Decision, LeaseTracker, NodeBudget
 from agentd.site.protocol import ClassName, PowerReport, encode_report
 from collectors.base import GpuSample
 from rules.actions import NodeCap
